@@ -1,0 +1,96 @@
+"""shiftkit: learn, fold, merge, compress and adapt parameter shifts on any PyTorch ``nn.Module``.
+
+Example:
+    >>> import shiftkit as sk
+    >>> sk.attach_(model, sk.LoRAConfig(r=8, target_modules=["query", "value"]))
+    >>> opt = torch.optim.AdamW(sk.shift_parameters(model), lr=1e-3)
+
+The public names are loaded lazily (PEP 562), so ``import shiftkit`` and ``shiftkit --help`` do not
+import torch; the first use of a name imports the core and registers every method.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API: dict[str, str] = {
+    # values, configs, registries
+    "Shift": "shiftkit.core.shift",
+    "ShiftConfig": "shiftkit.core.config",
+    "LoRAConfig": "shiftkit.methods.lora",
+    "SSFConfig": "shiftkit.methods.ssf",
+    "BitFitConfig": "shiftkit.methods.bitfit",
+    "list_methods": "shiftkit.core.registry",
+    "register_method": "shiftkit.core.registry",
+    "get_method": "shiftkit.core.registry",
+    # learn / fold
+    "attach_": "shiftkit.core.attach",
+    "detach_": "shiftkit.core.attach",
+    "extract": "shiftkit.core.attach",
+    "fold_": "shiftkit.core.attach",
+    "shift_parameters": "shiftkit.core.attach",
+    "named_shift_parameters": "shiftkit.core.attach",
+    "save": "shiftkit.core.io",
+    "load": "shiftkit.core.io",
+    # deltas
+    "task_vector": "shiftkit.core.delta",
+    "to_delta": "shiftkit.core.delta",
+    "apply_": "shiftkit.core.delta",
+    # errors
+    "ShiftkitError": "shiftkit.errors",
+    "NotFoldableError": "shiftkit.errors",
+    "ShiftMismatchError": "shiftkit.errors",
+    "TargetNotFoundError": "shiftkit.errors",
+    "UnknownMethodError": "shiftkit.errors",
+    "CorruptFileError": "shiftkit.errors",
+    "AssetNotFoundError": "shiftkit.errors",
+}
+
+__all__ = ["__version__", *sorted(_API)]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _API.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'shiftkit' has no attribute {name!r}")
+    if module_name != "shiftkit.errors":
+        importlib.import_module("shiftkit.methods")  # registers every method before any look-up
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from shiftkit.core.attach import (
+        attach_,
+        detach_,
+        extract,
+        fold_,
+        named_shift_parameters,
+        shift_parameters,
+    )
+    from shiftkit.core.config import ShiftConfig
+    from shiftkit.core.delta import apply_, task_vector, to_delta
+    from shiftkit.core.io import load, save
+    from shiftkit.core.registry import get_method, list_methods, register_method
+    from shiftkit.core.shift import Shift
+    from shiftkit.errors import (
+        AssetNotFoundError,
+        CorruptFileError,
+        NotFoldableError,
+        ShiftkitError,
+        ShiftMismatchError,
+        TargetNotFoundError,
+        UnknownMethodError,
+    )
+    from shiftkit.methods.bitfit import BitFitConfig
+    from shiftkit.methods.lora import LoRAConfig
+    from shiftkit.methods.ssf import SSFConfig

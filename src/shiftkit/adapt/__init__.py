@@ -1,0 +1,1 @@
+"""shiftkit.adapt (see DESIGN.md section 2)."""

@@ -1,0 +1,1 @@
+"""shiftkit.bench (see DESIGN.md section 2)."""

@@ -1,0 +1,1 @@
+"""shiftkit.compression (see DESIGN.md section 2)."""

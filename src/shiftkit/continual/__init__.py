@@ -1,0 +1,1 @@
+"""shiftkit.continual (see DESIGN.md section 2)."""

@@ -1,0 +1,274 @@
+"""The walker: attach a shift to a model in place, extract it, fold it, detach it.
+
+``attach_`` wraps each targeted module (``parent.child = Wrapper(base=child)``), freezes every base
+parameter and remembers the previous ``requires_grad`` flags on the root, so ``detach_`` restores the
+model bit for bit and ``fold_`` leaves a plain model with the original architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from shiftkit.core.config import ShiftConfig
+from shiftkit.core.registry import MethodSpec, get_method
+from shiftkit.core.shift import DELTA, Shift
+from shiftkit.core.targets import iter_base_modules, match_names
+from shiftkit.core.wrapper import ShiftWrapper, TrainableCopy, is_shift_module, write_params_
+from shiftkit.errors import NotFoldableError, ShiftkitError, ShiftMismatchError, TargetNotFoundError
+
+__all__ = [
+    "attach_",
+    "attached_wrappers",
+    "detach_",
+    "extract",
+    "fold_",
+    "module_shape",
+    "named_shift_parameters",
+    "shift_parameters",
+]
+
+_STATE = "_shiftkit_state"
+
+
+def attached_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, wrapper)`` for every shift module in ``model``, in model order."""
+    return [(n, m) for n, m in iter_base_modules(model) if is_shift_module(m)]
+
+
+def _state(model: nn.Module) -> dict[str, Any] | None:
+    return model.__dict__.get(_STATE)
+
+
+def module_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape recorded for a module in a shift's ``base``: its weight's, else its bias's, else ``()``."""
+    for name in ("weight", "bias"):
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor):
+            return tuple(t.shape)
+    return ()
+
+
+def _set_child(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent._modules[child] = new
+
+
+def _resolve(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
+    modules = dict(iter_base_modules(model))
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ShiftMismatchError(
+            f"the shift targets {len(missing)} module(s) this model does not have, first: {missing[:5]}; "
+            f"the model has e.g. {list(modules)[:5]}"
+        )
+    return [(n, modules[n]) for n in names]
+
+
+def attach_(model: nn.Module, shift: ShiftConfig | Shift) -> nn.Module:
+    """Attach a new shift (from a config) or a learned one (a :class:`Shift`) to ``model`` in place.
+
+    The base is frozen: afterwards only the shift parameters (and ``modules_to_save``) require grad.
+
+    Args:
+        model: any ``nn.Module``.
+        shift: a method config (fresh, initialised shift) or a Shift to re-attach (shapes are checked).
+
+    Returns:
+        ``model`` itself, for chaining.
+
+    Raises:
+        ShiftkitError: the model already carries a shift, or the config is invalid.
+        TargetNotFoundError: ``target_modules`` matched nothing.
+        ShiftMismatchError: a Shift's modules, shapes or tensors do not fit the model.
+
+    Example:
+        >>> sk.attach_(model, sk.LoRAConfig(r=8, target_modules=["query", "value"]))
+        >>> opt = torch.optim.AdamW(sk.shift_parameters(model), lr=1e-3)
+    """
+    existing = attached_wrappers(model)
+    if existing or _state(model) is not None:
+        st = _state(model) or {}
+        raise ShiftkitError(
+            f"model already has a {st.get('method', existing[0][1].shift_method if existing else '?')!r} "
+            f"shift attached on {len(existing)} module(s); call sk.detach_(model) or sk.fold_(model) first"
+        )
+    if isinstance(shift, Shift):
+        if shift.method == DELTA:
+            raise ShiftkitError("a dense delta is added with sk.apply_(model, delta), not attached")
+        if shift.config is None:
+            raise ShiftMismatchError(f"shift {shift.method!r} has no config")
+        config, spec = shift.config, get_method(shift.method)
+        saved_names = [n for n in shift.base if any(k.startswith(f"{n}.saved.") for k in shift.tensors)]
+        method_names = [n for n in shift.base if n not in saved_names]
+        targets = _resolve(model, method_names)
+        saved = _resolve(model, saved_names)
+        bad = [
+            f"{n}: shift {shift.base[n]} vs model {module_shape(m)}"
+            for n, m in targets + saved
+            if tuple(shift.base[n]) != module_shape(m)
+        ]
+        if bad:
+            raise ShiftMismatchError(f"shift does not fit this model's shapes: {'; '.join(bad[:5])}")
+        wrong_type = [f"{n} ({type(m).__name__})" for n, m in targets if not isinstance(m, spec.targets)]
+        if wrong_type:
+            raise ShiftMismatchError(f"{spec.name} cannot wrap {', '.join(wrong_type[:5])}")
+    elif isinstance(shift, ShiftConfig):
+        config, spec = shift, get_method(shift)
+        from shiftkit.core.targets import match_targets
+
+        targets = match_targets(model, config, spec.targets, spec.default_targets, spec.accepts)
+        saved = []
+        if config.modules_to_save:
+            all_mods = [(n, m) for n, m in iter_base_modules(model)]
+            hit = set(match_names([n for n, _ in all_mods], config.modules_to_save))
+            saved = [(n, m) for n, m in all_mods if n in hit]
+            if not saved:
+                raise TargetNotFoundError(
+                    f"modules_to_save {list(config.modules_to_save)} matched no module of the model"
+                )
+    else:
+        raise ShiftkitError(f"attach_ expects a method config or a Shift, got {type(shift).__name__}")
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    done: list[tuple[str, nn.Module]] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for fqn, module in targets:
+            try:
+                wrapper = spec.wrap(module, config)
+            except ShiftkitError as err:
+                raise type(err)(f"{spec.name} on {fqn!r}: {err}") from None
+            wrapper.shift_method = spec.name
+            _set_child(model, fqn, wrapper)
+            done.append((fqn, module))
+        for fqn, module in saved:
+            _set_child(model, fqn, TrainableCopy(module))
+            done.append((fqn, module))
+        model.__dict__[_STATE] = {"method": spec.name, "config": config, "requires_grad": flags}
+        if isinstance(shift, Shift):
+            _load_tensors(model, shift)
+    except BaseException:
+        for fqn, module in done:
+            _set_child(model, fqn, module)
+        model.__dict__.pop(_STATE, None)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
+        raise
+    return model
+
+
+@torch.no_grad()
+def _load_tensors(model: nn.Module, shift: Shift) -> None:
+    expected = named_shift_parameters(model)
+    missing = sorted(set(expected) - set(shift.tensors))
+    unexpected = sorted(set(shift.tensors) - set(expected))
+    if missing or unexpected:
+        raise ShiftMismatchError(
+            f"shift tensors do not match the attached modules: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    bad = [
+        f"{k}: {tuple(shift.tensors[k].shape)} vs {tuple(p.shape)}"
+        for k, p in expected.items()
+        if shift.tensors[k].shape != p.shape
+    ]
+    if bad:
+        raise ShiftMismatchError(f"shift tensor shapes differ from the model's: {'; '.join(bad[:5])}")
+    for k, p in expected.items():
+        p.copy_(shift.tensors[k])
+
+
+def _require_attached(model: nn.Module, verb: str) -> tuple[dict[str, Any], list[tuple[str, nn.Module]]]:
+    st = _state(model)
+    wrappers = attached_wrappers(model)
+    if st is None or not wrappers:
+        raise ShiftkitError(f"cannot {verb}: no shift is attached to this model (use sk.attach_ first)")
+    return st, wrappers
+
+
+def named_shift_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable shift parameters keyed ``<module name>.<role>`` (the keys of the shift file)."""
+    out: dict[str, nn.Parameter] = {}
+    for fqn, wrapper in attached_wrappers(model):
+        assert isinstance(wrapper, ShiftWrapper)
+        for role, p in wrapper.named_shift_parameters().items():
+            out[f"{fqn}.{role}"] = p
+    return out
+
+
+def shift_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable shift parameters of ``model``, for the optimiser.
+
+    Example:
+        >>> opt = torch.optim.AdamW(sk.shift_parameters(model), lr=1e-3)
+    """
+    return list(named_shift_parameters(model).values())
+
+
+def extract(model: nn.Module) -> Shift:
+    """The attached shift as a :class:`Shift` value (tensors copied; no reference to the model).
+
+    Example:
+        >>> shift = sk.extract(model)
+        >>> sk.save(shift, "lora.safetensors")
+    """
+    st, wrappers = _require_attached(model, "extract")
+    tensors = {k: p.detach().clone() for k, p in named_shift_parameters(model).items()}
+    base = {fqn: module_shape(w.base) for fqn, w in wrappers}
+    return Shift(st["method"], st["config"], tensors, base)
+
+
+def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+
+
+def fold_(model: nn.Module) -> nn.Module:
+    """Bake the attached shift into the base weights and remove the wrappers, in place.
+
+    Afterwards the model has its original architecture and computes what the shifted model computed.
+
+    Raises:
+        NotFoldableError: the method cannot be folded (nothing is changed).
+
+    Example:
+        >>> sk.fold_(model)   # zero inference overhead from here on
+    """
+    st, wrappers = _require_attached(model, "fold")
+    spec: MethodSpec = get_method(st["method"])
+    if not spec.foldable:
+        raise NotFoldableError(
+            f"{spec.name} shifts cannot be folded into the base weights; use sk.detach_ or keep them attached"
+        )
+    values = {fqn: w.folded_params() for fqn, w in wrappers}  # compute all before mutating anything
+    for fqn, w in wrappers:
+        write_params_(w.base, values[fqn])
+        _set_child(model, fqn, w.base)
+    model.__dict__.pop(_STATE, None)
+    _restore_flags(model, st["requires_grad"])
+    return model
+
+
+def detach_(model: nn.Module) -> nn.Module:
+    """Remove the attached shift; the base model is restored bit for bit.
+
+    Example:
+        >>> sk.detach_(model)
+    """
+    st, wrappers = _require_attached(model, "detach")
+    for fqn, w in wrappers:
+        _set_child(model, fqn, w.base)
+    model.__dict__.pop(_STATE, None)
+    _restore_flags(model, st["requires_grad"])
+    return model
+
+
+def attached_method(model: nn.Module) -> str | None:
+    """The registry name of the shift attached to ``model``, or ``None``."""
+    st = _state(model)
+    return None if st is None else str(st["method"])
+

@@ -1,0 +1,111 @@
+"""The config base class shared by every method, and its registry-resolved serialisation.
+
+Configs are frozen, keyword-only dataclasses. They serialise as
+``{"method": <registry name>, "version": <int>, "config": {...fields}}`` and are resolved through the
+registry, never through an import path, so a file can only ever instantiate a registered config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from shiftkit.errors import ShiftkitError
+
+__all__ = ["ShiftConfig", "config_from_dict", "config_to_dict"]
+
+Patterns = str | tuple[str, ...] | None
+
+
+def _as_patterns(value: Any, field_name: str) -> Patterns:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ShiftkitError(f"{field_name} must be a string, a list of strings or None; got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShiftConfig:
+    """Fields every method config has (PEFT's vocabulary).
+
+    Attributes:
+        target_modules: which modules get a shift. A list matches a module whose name equals an entry or
+            ends with ``"." + entry`` (as in PEFT); a string is a regular expression that must match the
+            whole module name; ``"all"`` is every module the method supports; ``"all-linear"`` is every
+            ``nn.Linear`` except the model's output embedding; ``None`` uses the method's default.
+        exclude_modules: modules to leave alone, with the same matching rules.
+        target_types: optional class names (``"Linear"``, ``"LayerNorm"``); a module matches if any class
+            in its MRO has one of these names, so user subclasses of ``nn.Linear`` match ``"Linear"``.
+        modules_to_save: modules trained in full beside the shift (e.g. a new classification head);
+            they are stored in the shift file and restored by ``detach_``.
+    """
+
+    version: ClassVar[int] = 1
+    method: ClassVar[str] = ""
+
+    target_modules: Patterns = None
+    exclude_modules: Patterns = None
+    target_types: tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # lists from users or JSON become tuples so configs stay hashable and round-trip equal
+        object.__setattr__(self, "target_modules", _as_patterns(self.target_modules, "target_modules"))
+        object.__setattr__(self, "exclude_modules", _as_patterns(self.exclude_modules, "exclude_modules"))
+        tt = _as_patterns(self.target_types, "target_types")
+        object.__setattr__(self, "target_types", (tt,) if isinstance(tt, str) else tt)
+        mts = _as_patterns(self.modules_to_save, "modules_to_save") or ()
+        object.__setattr__(self, "modules_to_save", (mts,) if isinstance(mts, str) else mts)
+
+    def replace(self, **changes: Any) -> ShiftConfig:
+        """A copy with ``changes`` applied (configs are frozen)."""
+        return dataclasses.replace(self, **changes)
+
+
+def config_to_dict(config: ShiftConfig) -> dict[str, Any]:
+    """Serialise ``config`` as ``{"method", "version", "config"}`` (JSON-safe).
+
+    Example:
+        >>> config_to_dict(LoRAConfig(r=4))["method"]
+        'lora'
+    """
+    fields = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        fields[f.name] = list(v) if isinstance(v, tuple) else v
+    return {"method": type(config).method, "version": type(config).version, "config": fields}
+
+
+def config_from_dict(data: Any) -> ShiftConfig:
+    """Rebuild a config from :func:`config_to_dict` output, resolving the class through the registry.
+
+    Raises:
+        ShiftkitError: malformed input, unknown keys, or a version newer than this shiftkit knows.
+        UnknownMethodError: the method is not registered.
+    """
+    from shiftkit.core.registry import get_method
+
+    if not isinstance(data, dict) or set(data) != {"method", "version", "config"}:
+        raise ShiftkitError(f"a config must be a dict with keys method, version, config; got {data!r}")
+    spec = get_method(str(data["method"]))
+    cls = spec.config_cls
+    version = data["version"]
+    if not isinstance(version, int) or version > cls.version:
+        raise ShiftkitError(
+            f"{cls.__name__} version {version!r} is newer than this shiftkit supports ({cls.version}); "
+            "upgrade shiftkit"
+        )
+    body = data["config"]
+    if not isinstance(body, dict):
+        raise ShiftkitError(f"{cls.__name__}: 'config' must be a mapping, got {type(body).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise ShiftkitError(f"{cls.__name__} has no field(s) {', '.join(unknown)}; known: {sorted(known)}")
+    try:
+        return cls(**body)
+    except TypeError as err:
+        raise ShiftkitError(f"invalid {cls.__name__}: {err}") from None

@@ -1,0 +1,100 @@
+"""Pure tensor math shared by methods, merging and compression. No modules, no state.
+
+Conventions: a Linear weight is ``W ∈ R^{out×in}``, a Conv weight ``W ∈ R^{C_out×C_in/groups×k...}``;
+"channel" means the output channel of the op a shift follows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "channel_axis",
+    "channel_view",
+    "kaiming_uniform_a_sqrt5_",
+    "lora_conv_delta",
+    "lora_delta",
+    "scale_rows",
+]
+
+
+def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """Dense LoRA update ``scaling · B A``.
+
+    Args:
+        lora_a: ``(r, in)``.
+        lora_b: ``(out, r)``.
+        scaling: ``α/r`` (or ``α/√r`` for rsLoRA).
+
+    Returns:
+        ``(out, in)``.
+    """
+    return (lora_b @ lora_a) * scaling
+
+
+def lora_conv_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """Dense update of a LoRA conv pair: a ``k×k`` conv to ``r`` channels followed by a ``1×1`` conv.
+
+    Args:
+        lora_a: ``(r, C_in, *kernel)``.
+        lora_b: ``(C_out, r, 1, ..., 1)``.
+        scaling: ``α/r``.
+
+    Returns:
+        ``(C_out, C_in, *kernel)``, the kernel of the single equivalent convolution.
+    """
+    r = lora_a.shape[0]
+    delta = lora_b.reshape(lora_b.shape[0], r) @ lora_a.reshape(r, -1)
+    return delta.reshape(lora_b.shape[0], *lora_a.shape[1:]) * scaling
+
+
+def scale_rows(weight: Tensor, scale: Tensor) -> Tensor:
+    """``diag(scale) · W`` for any weight whose first axis is the output channel.
+
+    Args:
+        weight: ``(out, ...)``.
+        scale: ``(out,)``.
+    """
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def channel_view(vec: Tensor, ndim: int, axis: int) -> Tensor:
+    """Reshape a per-channel vector to broadcast against a tensor of rank ``ndim`` on ``axis``.
+
+    Args:
+        vec: ``(C,)`` or, for LayerNorm, the normalised shape.
+        ndim: rank of the activation.
+        axis: channel axis of the activation (negative counts from the end).
+    """
+    if axis < 0:
+        axis += ndim
+    trailing = ndim - axis - vec.dim()
+    return vec.reshape(*vec.shape, *([1] * trailing)) if trailing > 0 else vec
+
+
+def kaiming_uniform_a_sqrt5_(tensor: Tensor) -> Tensor:
+    """In place ``U(-1/√fan_in, 1/√fan_in)``: torch's default Linear init (Kaiming uniform, a=√5).
+
+    Args:
+        tensor: ``(out, in, ...)``; fan_in is the product of all axes but the first.
+    """
+    fan_in = tensor[0].numel() if tensor.dim() > 1 else tensor.numel()
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound)
+
+
+def channel_axis(module: nn.Module, ndim: int) -> int:
+    """The channel axis of ``module``'s output of rank ``ndim`` (negative, counted from the end).
+
+    Linear and LayerNorm outputs carry channels last; convolutions, batch and group norms on axis 1
+    (``-(spatial dims + 1)`` so unbatched inputs work too).
+    """
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return -(module.weight.dim() - 1)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.InstanceNorm1d):
+        return -(ndim - 1) if ndim > 1 else -1
+    return -1

@@ -1,0 +1,156 @@
+"""One self-describing ``.safetensors`` file per shift; atomic writes; never pickle.
+
+Layout: tensors keyed as in :class:`~shiftkit.core.shift.Shift`, and one metadata entry ``"shiftkit"``
+holding JSON ``{"method", "config", "format_version", "shiftkit_version", "base": {name: shape}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from shiftkit.core.config import config_from_dict, config_to_dict
+from shiftkit.core.shift import DELTA, Shift, split_key
+from shiftkit.errors import CorruptFileError, ShiftkitError
+
+__all__ = ["FORMAT_VERSION", "atomic_save_tensors", "load", "read_metadata", "save"]
+
+FORMAT_VERSION = 1
+META_KEY = "shiftkit"
+
+
+def _version() -> str:
+    from shiftkit import __version__
+
+    return __version__
+
+
+def atomic_save_tensors(tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically: a temp file in the same folder, fsync, then rename.
+
+    An interrupted write leaves any previous file at ``path`` intact.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage: clone the duplicates, keep the rest zero-copy
+    seen: set[tuple[int, int]] = set()
+    clean = {}
+    for k, t in tensors.items():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.contiguous().clone()
+        seen.add(key)
+        clean[k] = t
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(shift: Shift, path: str | os.PathLike[str]) -> None:
+    """Save ``shift`` as one safetensors file (config JSON in the metadata), atomically.
+
+    Example:
+        >>> sk.save(sk.extract(model), "lora.safetensors")
+    """
+    if not isinstance(shift, Shift):
+        raise ShiftkitError(f"sk.save expects a Shift, got {type(shift).__name__}")
+    meta = {
+        "method": shift.method,
+        "config": None if shift.config is None else config_to_dict(shift.config),
+        "format_version": FORMAT_VERSION,
+        "shiftkit_version": _version(),
+        "base": {k: list(v) for k, v in shift.base.items()},
+    }
+    atomic_save_tensors(dict(shift.tensors), path, {META_KEY: json.dumps(meta)})
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``shiftkit`` metadata of a shift file, without loading its tensors.
+
+    Raises:
+        CorruptFileError: truncated or corrupt file, or a safetensors file that shiftkit did not write.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no shift file at {p}")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CorruptFileError(f"{p} is not a readable safetensors file ({err})") from None
+    if raw is None:
+        raise CorruptFileError(
+            f"{p} is a safetensors file without shiftkit metadata: not a shift file "
+            "(a Hugging Face PEFT adapter folder is read with sk.import_peft)"
+        )
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(f"{p}: shiftkit metadata is not valid JSON ({err})") from None
+    missing = {"method", "config", "format_version", "base"} - set(meta) if isinstance(meta, dict) else {"*"}
+    if missing:
+        raise CorruptFileError(f"{p}: shiftkit metadata lacks {sorted(missing)}")
+    if not isinstance(meta["format_version"], int) or meta["format_version"] > FORMAT_VERSION:
+        raise CorruptFileError(
+            f"{p}: format_version {meta['format_version']!r} is newer than this shiftkit reads "
+            f"({FORMAT_VERSION}); upgrade shiftkit"
+        )
+    return meta
+
+
+def load(path: str | os.PathLike[str]) -> Shift:
+    """Load a shift file written by :func:`save`.
+
+    Raises:
+        CorruptFileError: truncated, corrupt or foreign file, or tensors that disagree with the metadata.
+        UnknownMethodError: the file's method is not registered in this shiftkit.
+
+    Example:
+        >>> shift = sk.load("lora.safetensors")
+        >>> sk.attach_(fresh_model, shift)
+    """
+    meta = read_metadata(path)
+    try:
+        config = None if meta["config"] is None else config_from_dict(meta["config"])
+        base = {str(k): tuple(int(s) for s in v) for k, v in dict(meta["base"]).items()}
+    except CorruptFileError:
+        raise
+    except ShiftkitError as err:
+        if type(err) is ShiftkitError:
+            raise CorruptFileError(f"{path}: {err}") from None
+        raise
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CorruptFileError(f"{path}: malformed shiftkit metadata ({err})") from None
+    method = str(meta["method"])
+    if method != DELTA and config is None:
+        raise CorruptFileError(f"{path}: method {method!r} needs a config, the file has none")
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                tensors[key] = fh.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CorruptFileError(f"{path}: cannot read tensors ({err})") from None
+    if method != DELTA:
+        for key in tensors:
+            try:
+                split_key(key, base)
+            except ShiftkitError:
+                raise CorruptFileError(f"{path}: tensor {key!r} belongs to no module in 'base'") from None
+    return Shift(method, config, tensors, base)

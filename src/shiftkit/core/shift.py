@@ -1,0 +1,149 @@
+"""The :class:`Shift` value: a method name, its config and named tensors. No model, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shiftkit.core.config import ShiftConfig
+from shiftkit.errors import ShiftkitError, ShiftMismatchError
+
+__all__ = ["DELTA", "Shift"]
+
+#: method name of dense parameter deltas (task vectors): tensors keyed by parameter name
+DELTA = "delta"
+
+
+@dataclass(frozen=True, eq=False)
+class Shift:
+    """A learned (or computed) parameter shift, as a value.
+
+    Attributes:
+        method: registry name (``"lora"``, ``"ssf"``, ...) or ``"delta"`` for dense parameter deltas.
+        config: the method config; ``None`` for deltas.
+        tensors: named tensors keyed ``<module name>.<role>`` (methods) or ``<parameter name>`` (deltas).
+        base: what the shift was made for: module name (methods) or parameter name (deltas) → shape.
+
+    Deltas support ``+``, ``-``, unary ``-`` and ``* scalar``; other methods must be turned into a
+    delta first (``sk.to_delta(model)``), because their tensors do not add linearly.
+
+    Example:
+        >>> tv = sk.task_vector(base, tuned)
+        >>> half = 0.5 * tv
+        >>> both = tv + other_tv
+    """
+
+    method: str
+    config: ShiftConfig | None
+    tensors: dict[str, Tensor]
+    base: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    # --- container ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __getitem__(self, key: str) -> Tensor:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise ShiftMismatchError(f"shift ({self.method}) has no tensor {key!r}") from None
+
+    def keys(self) -> list[str]:
+        """Tensor names in insertion order."""
+        return list(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of the tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def numel(self) -> int:
+        """Total number of elements of the tensors."""
+        return sum(t.numel() for t in self.tensors.values())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Shift:
+        """A copy with floating tensors moved to ``device`` and/or cast to ``dtype``."""
+        out = {}
+        for k, t in self.tensors.items():
+            out[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        return Shift(self.method, self.config, out, dict(self.base))
+
+    def __repr__(self) -> str:
+        return (
+            f"Shift(method={self.method!r}, tensors={len(self.tensors)}, numel={self.numel:,}, "
+            f"modules={len(self.base)})"
+        )
+
+    # --- arithmetic on deltas -------------------------------------------------------------------
+    def _require_delta(self, op: str) -> None:
+        if self.method != DELTA:
+            raise ShiftkitError(
+                f"'{op}' needs dense deltas, but this shift is {self.method!r}; "
+                "convert it first with sk.to_delta(model) on a model it is attached to"
+            )
+
+    def _aligned(self, other: Any, op: str) -> Shift:
+        self._require_delta(op)
+        if not isinstance(other, Shift):
+            raise ShiftkitError(f"cannot {op} a Shift and a {type(other).__name__}")
+        other._require_delta(op)
+        mine, theirs = set(self.tensors), set(other.tensors)
+        if mine != theirs:
+            only_a = sorted(mine - theirs)[:5]
+            only_b = sorted(theirs - mine)[:5]
+            raise ShiftMismatchError(
+                f"cannot {op} deltas with different keys: only in left {only_a}, only in right {only_b}"
+            )
+        for k in self.tensors:
+            a, b = self.tensors[k], other.tensors[k]
+            if a.shape != b.shape:
+                raise ShiftMismatchError(f"cannot {op} deltas: {k!r} is {tuple(a.shape)} vs {tuple(b.shape)}")
+        return other
+
+    def __add__(self, other: Any) -> Shift:
+        o = self._aligned(other, "add")
+        return Shift(DELTA, None, {k: v + o.tensors[k] for k, v in self.tensors.items()}, dict(self.base))
+
+    def __sub__(self, other: Any) -> Shift:
+        o = self._aligned(other, "subtract")
+        return Shift(DELTA, None, {k: v - o.tensors[k] for k, v in self.tensors.items()}, dict(self.base))
+
+    def __mul__(self, scalar: Any) -> Shift:
+        self._require_delta("multiply")
+        if not isinstance(scalar, int | float) or isinstance(scalar, bool):
+            raise ShiftkitError(f"a delta can only be multiplied by a number, not {type(scalar).__name__}")
+        return Shift(DELTA, None, {k: v * scalar for k, v in self.tensors.items()}, dict(self.base))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Shift:
+        return self * -1.0
+
+    def allclose(self, other: Shift, *, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+        """True if ``other`` has the same method, keys and shapes and close tensors."""
+        if self.method != other.method or set(self.tensors) != set(other.tensors):
+            return False
+        return all(
+            self.tensors[k].shape == other.tensors[k].shape
+            and torch.allclose(self.tensors[k], other.tensors[k].to(self.tensors[k].dtype), rtol, atol)
+            for k in self.tensors
+        )
+
+
+def split_key(key: str, modules: Mapping[str, Any]) -> tuple[str, str]:
+    """Split ``<module name>.<role>`` using the known module names (the longest prefix wins)."""
+    best = ""
+    for name in modules:
+        if (key.startswith(name + ".") or name == "") and len(name) >= len(best):
+            best = name
+    if not best and "" not in modules:
+        raise ShiftMismatchError(f"tensor {key!r} belongs to none of the shift's modules")
+    return best, key[len(best) + 1 :] if best else key

@@ -1,0 +1,1 @@
+"""shiftkit.data (see DESIGN.md section 2)."""

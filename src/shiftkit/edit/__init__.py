@@ -1,0 +1,1 @@
+"""shiftkit.edit (see DESIGN.md section 2)."""

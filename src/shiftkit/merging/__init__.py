@@ -1,0 +1,1 @@
+"""shiftkit.merging (see DESIGN.md section 2)."""

@@ -1,0 +1,1 @@
+"""shiftkit.recipes (see DESIGN.md section 2)."""
