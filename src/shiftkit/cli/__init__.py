@@ -19,7 +19,7 @@ SUBCOMMANDS: tuple[str, ...] = ("learn", "fold", "inspect", "zoo", "demo")
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level argument parser with every subcommand registered."""
-    from shiftkit import __version__
+    from shiftkit._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="shiftkit",

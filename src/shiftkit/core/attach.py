@@ -16,7 +16,7 @@ from shiftkit.core.config import ShiftConfig
 from shiftkit.core.registry import MethodSpec, get_method
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.targets import iter_base_modules, match_names
-from shiftkit.core.wrapper import ShiftWrapper, TrainableCopy, is_shift_module, write_params_
+from shiftkit.core.wrapper import ShiftWrapper, TrainableCopy, write_params_
 from shiftkit.errors import NotFoldableError, ShiftkitError, ShiftMismatchError, TargetNotFoundError
 
 __all__ = [
@@ -33,9 +33,9 @@ __all__ = [
 _STATE = "_shiftkit_state"
 
 
-def attached_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def attached_wrappers(model: nn.Module) -> list[tuple[str, ShiftWrapper]]:
     """``(name, wrapper)`` for every shift module in ``model``, in model order."""
-    return [(n, m) for n, m in iter_base_modules(model) if is_shift_module(m)]
+    return [(n, m) for n, m in iter_base_modules(model) if isinstance(m, ShiftWrapper)]
 
 
 def _state(model: nn.Module) -> dict[str, Any] | None:
@@ -169,7 +169,8 @@ def _load_tensors(model: nn.Module, shift: Shift) -> None:
     unexpected = sorted(set(shift.tensors) - set(expected))
     if missing or unexpected:
         raise ShiftMismatchError(
-            f"shift tensors do not match the attached modules: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            "shift tensors do not match the attached modules: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     bad = [
         f"{k}: {tuple(shift.tensors[k].shape)} vs {tuple(p.shape)}"
@@ -182,7 +183,7 @@ def _load_tensors(model: nn.Module, shift: Shift) -> None:
         p.copy_(shift.tensors[k])
 
 
-def _require_attached(model: nn.Module, verb: str) -> tuple[dict[str, Any], list[tuple[str, nn.Module]]]:
+def _require_attached(model: nn.Module, verb: str) -> tuple[dict[str, Any], list[tuple[str, ShiftWrapper]]]:
     st = _state(model)
     wrappers = attached_wrappers(model)
     if st is None or not wrappers:
@@ -194,7 +195,6 @@ def named_shift_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The trainable shift parameters keyed ``<module name>.<role>`` (the keys of the shift file)."""
     out: dict[str, nn.Parameter] = {}
     for fqn, wrapper in attached_wrappers(model):
-        assert isinstance(wrapper, ShiftWrapper)
         for role, p in wrapper.named_shift_parameters().items():
             out[f"{fqn}.{role}"] = p
     return out
@@ -271,4 +271,3 @@ def attached_method(model: nn.Module) -> str | None:
     """The registry name of the shift attached to ``model``, or ``None``."""
     st = _state(model)
     return None if st is None else str(st["method"])
-

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from shiftkit.core.attach import attached_wrappers
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.core.wrapper import ShiftWrapper, is_shift_module
+from shiftkit.core.wrapper import ShiftWrapper
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 
 __all__ = ["apply_", "base_tensors", "task_vector", "to_delta"]
@@ -25,7 +25,7 @@ def base_tensors(model: nn.Module, *, buffers: bool = True) -> dict[str, Tensor]
     seen: set[int] = set()
 
     def walk(module: nn.Module, prefix: str) -> None:
-        mod = module.base if is_shift_module(module) else module
+        mod = module.base if isinstance(module, ShiftWrapper) else module
         items: list[tuple[str, Tensor | None]] = list(mod._parameters.items())
         if buffers:
             items += [(n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set]
@@ -94,7 +94,6 @@ def to_delta(model: nn.Module) -> Shift:
         raise ShiftkitError("cannot compute a delta: no shift is attached to this model")
     tensors: dict[str, Tensor] = {}
     for fqn, w in wrappers:
-        assert isinstance(w, ShiftWrapper)
         for name, d in w.delta().items():
             tensors[f"{fqn}.{name}"] = d.detach().clone()
     return Shift(DELTA, None, tensors, {k: tuple(v.shape) for k, v in tensors.items()})
@@ -117,7 +116,8 @@ def apply_(model: nn.Module, delta: Shift, scale: float = 1.0) -> nn.Module:
     unknown = sorted(set(delta.tensors) - set(own))
     if unknown:
         raise ShiftMismatchError(
-            f"delta has {len(unknown)} tensor(s) the model does not: {unknown[:5]}; model has e.g. {list(own)[:3]}"
+            f"delta has {len(unknown)} tensor(s) the model does not: {unknown[:5]}; "
+            f"model has e.g. {list(own)[:3]}"
         )
     bad = [
         f"{k}: delta {tuple(d.shape)} vs model {tuple(own[k].shape)}"

@@ -26,12 +26,14 @@ META_KEY = "shiftkit"
 
 
 def _version() -> str:
-    from shiftkit import __version__
+    from shiftkit._version import __version__
 
     return __version__
 
 
-def atomic_save_tensors(tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+def atomic_save_tensors(
+    tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str]
+) -> None:
     """Write a safetensors file atomically: a temp file in the same folder, fsync, then rename.
 
     An interrupted write leaves any previous file at ``path`` intact.
@@ -46,7 +48,11 @@ def atomic_save_tensors(tensors: dict[str, Any], path: str | os.PathLike[str], m
         if t.device.type != "cpu":
             t = t.cpu()
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        if (
+            key in seen
+            or not t.is_contiguous()
+            or t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        ):
             t = t.contiguous().clone()
         seen.add(key)
         clean[k] = t
@@ -143,7 +149,7 @@ def load(path: str | os.PathLike[str]) -> Shift:
     tensors = {}
     try:
         with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 - safe_open is not a Mapping
+            for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CorruptFileError(f"{path}: cannot read tensors ({err})") from None

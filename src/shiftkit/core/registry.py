@@ -17,6 +17,7 @@ from shiftkit.errors import UnknownMethodError
 
 if TYPE_CHECKING:
     from shiftkit.core.config import ShiftConfig
+    from shiftkit.core.wrapper import ShiftWrapper
 
 T = TypeVar("T")
 
@@ -67,7 +68,7 @@ class Registry(Generic[T]):
         return [(n, self._entries[n]) for n in self.names()]
 
 
-WrapFn = Callable[[nn.Module, "ShiftConfig"], nn.Module]
+WrapFn = Callable[[nn.Module, "ShiftConfig"], "ShiftWrapper"]
 
 
 @dataclass(frozen=True)

@@ -116,9 +116,7 @@ def match_targets(
         if not isinstance(patterns, str):
             unmatched = [p for p in patterns if not any(_matches(n, (p,)) for n, _ in hits)]
             if unmatched:
-                warnings.warn(
-                    f"{method}: target_modules entries {unmatched} matched no module", stacklevel=3
-                )
+                warnings.warn(f"{method}: target_modules entries {unmatched} matched no module", stacklevel=3)
         picked = [(n, m) for n, m in hits if isinstance(m, supported) and (accepts is None or accepts(m))]
         if not picked:
             bad = ", ".join(f"{n} ({type(m).__name__})" for n, m in hits[:5])

@@ -52,6 +52,7 @@ class ShiftWrapper(nn.Module):
     """
 
     shift_method: str = ""
+    base: nn.Module
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -159,7 +160,6 @@ def _write_one(module: nn.Module, name: str, value: Tensor) -> None:
     dtype = next((p.dtype for p in module.parameters(recurse=False)), value.dtype)
     setattr(module, name, nn.Parameter(value.detach().to(dtype).clone(), requires_grad=False))
     # a norm that had no affine has one now; keep its flags truthful
-    if hasattr(module, "elementwise_affine"):
-        module.elementwise_affine = True
-    if hasattr(module, "affine"):
-        module.affine = True
+    for flag in ("elementwise_affine", "affine"):
+        if hasattr(module, flag):
+            setattr(module, flag, True)

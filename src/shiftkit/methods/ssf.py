@@ -69,7 +69,10 @@ class SSFModule(ShiftWrapper):
         super().__init__(base)
         shape = _channels(base)
         ref = next(base.parameters(), None)
-        kw = {"dtype": ref.dtype if ref is not None else None, "device": ref.device if ref is not None else None}
+        kw = {
+            "dtype": ref.dtype if ref is not None else None,
+            "device": ref.device if ref is not None else None,
+        }
         self.scale = nn.Parameter(torch.ones(shape, **kw))  # type: ignore[arg-type]
         self.shift = nn.Parameter(torch.zeros(shape, **kw))  # type: ignore[arg-type]
         if not config.identity_init:
@@ -87,6 +90,7 @@ class SSFModule(ShiftWrapper):
         """``{"weight": diag(γ)·W, "bias": γ⊙b + β}`` (γ alone / β alone where the base has none)."""
         w = getattr(self.base, "weight", None)
         b = getattr(self.base, "bias", None)
+        weight: Tensor
         if w is None:
             weight = self.scale
         elif w.shape == self.scale.shape:  # norms: elementwise gain

@@ -131,9 +131,8 @@ def _efficientnet_lite0(num_classes: int | None = None, seed: int = 0) -> tuple[
     if num_classes is not None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model._fc = nn.Linear(model._fc.in_features, num_classes)
+        torch.manual_seed(seed)  # load_model() restores the global RNG afterwards
+        model._fc = nn.Linear(model._fc.in_features, num_classes)
     return model.eval(), None
 
 
@@ -157,8 +156,9 @@ def load_model(name: str, **kwargs: Any) -> tuple[nn.Module, Any]:
     * ``"efficientnet-lite0"``: ImageNet-1k EfficientNet-Lite0 (logits ``(batch, 1000)``) and ``None``.
       Inputs are RGB ``(batch, 3, H, W)`` in ``[0, 1]`` normalised with :func:`efficientnet_normalize`
       (224 px native). Options: ``num_classes`` replaces the ``_fc`` head by a fresh
-      ``Linear(1280, num_classes)`` initialised under ``torch.manual_seed(seed)`` (``seed`` default 0; the
-      global RNG is left untouched).
+      ``Linear(1280, num_classes)`` initialised under ``torch.manual_seed(seed)`` (``seed`` default 0).
+
+    Loading leaves torch's global (CPU) RNG state as it found it.
 
     Args:
         name: A model name from :func:`list_assets`.
@@ -179,7 +179,10 @@ def load_model(name: str, **kwargs: Any) -> tuple[nn.Module, Any]:
     if name not in _LOADERS:
         _check_name(name)  # unknown names raise with close matches
         raise AssetNotFoundError(f"{name!r} is a dataset; load it with shiftkit.zoo.load_dataset({name!r})")
-    module, tok = _LOADERS[name](**kwargs)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # building modules draws from the global RNG; leave it alone
+        module, tok = _LOADERS[name](**kwargs)
     return module, tok
 
 
