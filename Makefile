@@ -29,6 +29,7 @@ $(VENV)/.assets: $(VENV)/.installed requirements-offline.txt
 	mkdir -p $(SHIFTKIT_CACHE)/data
 	test -f $(SHIFTKIT_CACHE)/data/vaderSentiment-3.3.2.tar.gz || \
 	  $(BIN)/pip download -q --no-deps --no-binary :all: vadersentiment==3.3.2 -d $(SHIFTKIT_CACHE)/data
+	$(BIN)/shiftkit zoo prepare smollm2-135m
 	$(BIN)/shiftkit zoo list
 	touch $@
 
