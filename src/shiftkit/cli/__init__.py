@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(module.run(args))
-    except ShiftkitError as err:
+    except (ShiftkitError, OSError) as err:  # OSError: missing file, permissions, a folder given as file
         print(f"shiftkit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
