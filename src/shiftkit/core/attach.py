@@ -102,6 +102,10 @@ def attach_(model: nn.Module, shift: ShiftConfig | Shift) -> nn.Module:
         if shift.config is None:
             raise ShiftMismatchError(f"shift {shift.method!r} has no config")
         config, spec = shift.config, get_method(shift.method)
+        if get_method(config) is not spec:
+            raise ShiftMismatchError(
+                f"shift says method {shift.method!r} but its config is a {type(config).__name__}"
+            )
         saved_names = [n for n in shift.base if any(k.startswith(f"{n}.saved.") for k in shift.tensors)]
         method_names = [n for n in shift.base if n not in saved_names]
         targets = _resolve(model, method_names)
@@ -164,7 +168,7 @@ def attach_(model: nn.Module, shift: ShiftConfig | Shift) -> nn.Module:
 
 @torch.no_grad()
 def _load_tensors(model: nn.Module, shift: Shift) -> None:
-    expected = named_shift_parameters(model)
+    expected = _named_shift_tensors(model)
     missing = sorted(set(expected) - set(shift.tensors))
     unexpected = sorted(set(shift.tensors) - set(expected))
     if missing or unexpected:
@@ -189,6 +193,15 @@ def _require_attached(model: nn.Module, verb: str) -> tuple[dict[str, Any], list
     if st is None or not wrappers:
         raise ShiftkitError(f"cannot {verb}: no shift is attached to this model (use sk.attach_ first)")
     return st, wrappers
+
+
+def _named_shift_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything a shift file stores: shift parameters and shift buffers, keyed ``<module>.<role>``."""
+    out: dict[str, torch.Tensor] = dict(named_shift_parameters(model))
+    for fqn, wrapper in attached_wrappers(model):
+        for role, b in wrapper.named_shift_buffers().items():
+            out[f"{fqn}.{role}"] = b
+    return out
 
 
 def named_shift_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -217,7 +230,7 @@ def extract(model: nn.Module) -> Shift:
         >>> sk.save(shift, "lora.safetensors")
     """
     st, wrappers = _require_attached(model, "extract")
-    tensors = {k: p.detach().clone() for k, p in named_shift_parameters(model).items()}
+    tensors = {k: p.detach().clone() for k, p in _named_shift_tensors(model).items()}
     base = {fqn: module_shape(w.base) for fqn, w in wrappers}
     return Shift(st["method"], st["config"], tensors, base)
 

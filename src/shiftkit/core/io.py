@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from shiftkit.core.config import config_from_dict, config_to_dict
 from shiftkit.core.shift import DELTA, Shift, split_key
@@ -56,11 +56,14 @@ def atomic_save_tensors(
             t = t.contiguous().clone()
         seen.add(key)
         clean[k] = t
+    # serialise in memory and write our own temp file (safetensors' save_file would leave an anonymous
+    # temp file of its own behind if the process is killed mid-write)
+    data = serialize(clean, metadata=metadata)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(clean, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
@@ -146,6 +149,10 @@ def load(path: str | os.PathLike[str]) -> Shift:
     method = str(meta["method"])
     if method != DELTA and config is None:
         raise CorruptFileError(f"{path}: method {method!r} needs a config, the file has none")
+    if config is not None and type(config).method != method:
+        raise CorruptFileError(
+            f"{path}: the file says method {method!r} but holds a {type(config).method!r} config"
+        )
     tensors = {}
     try:
         with safe_open(str(path), framework="pt") as fh:

@@ -98,6 +98,7 @@ class MethodSpec:
 
 
 METHODS: Registry[MethodSpec] = Registry("shift method")
+_NO_OVERRIDES: Mapping[str, Any] = {}
 _BY_CONFIG: dict[type, MethodSpec] = {}
 
 
@@ -107,7 +108,7 @@ def register_method(
     config: type[ShiftConfig],
     targets: tuple[type[nn.Module], ...],
     foldable: bool,
-    zero_init: Mapping[str, Any] | None = None,
+    zero_init: Mapping[str, Any] | None = _NO_OVERRIDES,
     default_targets: str = "all",
     accepts: Callable[[nn.Module], bool] | None = None,
 ) -> Callable[[WrapFn], WrapFn]:
@@ -126,7 +127,7 @@ def register_method(
             targets=targets,
             foldable=foldable,
             wrap=fn,
-            zero_init={} if zero_init is None else dict(zero_init),
+            zero_init=None if zero_init is None else dict(zero_init),
             default_targets=default_targets,
             accepts=accepts,
         )

@@ -109,6 +109,10 @@ class ShiftWrapper(nn.Module):
         """Trainable shift parameters by role; every parameter not under ``base``."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
 
+    def named_shift_buffers(self) -> dict[str, Tensor]:
+        """Non-trainable tensors that belong to the shift and are saved with it (none by default)."""
+        return {}
+
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_shift_parameters().items())
         return f"method={self.shift_method}, {shapes}"
@@ -142,6 +146,23 @@ class TrainableCopy(ShiftWrapper):
         """Every parameter of the trained copy, keyed ``saved.<name>``."""
         return {f"saved.{n}": p for n, p in self.saved.named_parameters()}
 
+    def named_shift_buffers(self) -> dict[str, torch.Tensor]:
+        """Persistent floating buffers of the trained copy (BatchNorm running stats), ``saved.<name>``."""
+        return {f"saved.{n}": b for n, b in _persistent_float_buffers(self.saved).items()}
+
+    def folded_params(self) -> dict[str, Tensor]:
+        """The trained copy's parameters and running statistics, detached."""
+        with torch.no_grad():
+            out = {n: p.detach().clone() for n, p in self.saved.named_parameters()}
+            out.update({n: b.detach().clone() for n, b in _persistent_float_buffers(self.saved).items()})
+        return out
+
+
+def _persistent_float_buffers(module: nn.Module) -> dict[str, Tensor]:
+    state = module.state_dict(keep_vars=True)
+    params = {n for n, _ in module.named_parameters()}
+    return {n: t for n, t in state.items() if n not in params and t.is_floating_point()}
+
 
 @torch.no_grad()
 def write_params_(module: nn.Module, values: dict[str, Tensor]) -> None:
@@ -154,10 +175,11 @@ def write_params_(module: nn.Module, values: dict[str, Tensor]) -> None:
 
 def _write_one(module: nn.Module, name: str, value: Tensor) -> None:
     current = getattr(module, name, None)
-    if isinstance(current, nn.Parameter):
+    if isinstance(current, torch.Tensor):  # a parameter or a buffer (running stats of a trained copy)
         current.copy_(value.to(current.dtype))
         return
-    dtype = next((p.dtype for p in module.parameters(recurse=False)), value.dtype)
+    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    dtype = next((t.dtype for t in own if t.is_floating_point()), value.dtype)
     setattr(module, name, nn.Parameter(value.detach().to(dtype).clone(), requires_grad=False))
     # a norm that had no affine has one now; keep its flags truthful
     for flag in ("elementwise_affine", "affine"):

@@ -68,7 +68,9 @@ class SSFModule(ShiftWrapper):
     def __init__(self, base: nn.Module, config: SSFConfig) -> None:
         super().__init__(base)
         shape = _channels(base)
-        ref = next(base.parameters(), None)
+        # a norm without affine has no parameters: its floating buffers (running stats) tell the dtype
+        tensors = [*base.parameters(recurse=False), *base.buffers(recurse=False)]
+        ref = next((t for t in tensors if t.is_floating_point()), None)
         kw = {
             "dtype": ref.dtype if ref is not None else None,
             "device": ref.device if ref is not None else None,
@@ -84,7 +86,8 @@ class SSFModule(ShiftWrapper):
         """Base output ``(..., C, ...)`` scaled and shifted on its channel axis."""
         y = self.base(x)
         axis = channel_axis(self.base, y.dim())
-        return y * channel_view(self.scale, y.dim(), axis) + channel_view(self.shift, y.dim(), axis)
+        scale, shift = self.scale.to(y.dtype), self.shift.to(y.dtype)
+        return y * channel_view(scale, y.dim(), axis) + channel_view(shift, y.dim(), axis)
 
     def effective_params(self) -> dict[str, Tensor]:
         """``{"weight": diag(γ)·W, "bias": γ⊙b + β}`` (γ alone / β alone where the base has none)."""

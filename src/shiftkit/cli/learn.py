@@ -1,0 +1,98 @@
+"""``shiftkit learn CONFIG.yaml``: train a shift (or full fine-tuning, or a linear probe) from a YAML config.
+
+torch is imported inside :func:`run`, so ``shiftkit learn --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+DESCRIPTION = """\
+Train what a YAML config describes: a zoo model (or your own 'package.module:function' returning
+(model, tokenizer)), a zoo dataset, a method (any registered shift method, 'full' or 'probe') and the
+training settings. Writes <output>/shift.safetensors (for 'full' and 'probe': their task vector) and
+<output>/metrics.json, and prints a result table.
+"""
+
+EPILOG = """\
+config (unknown keys are an error):
+  model: minilm                   # zoo name, or "package.module:function" -> (model, tokenizer)
+  data: {name: vader, domain: tweets, n_train: 400, n_test: 200, threshold: 0.5, eval_domains: all}
+  method: {name: lora, r: 8, lora_alpha: 16, target_modules: [query, value]}   # or ssf, bitfit, full, probe
+  train: {epochs: 2, lr: 5.0e-4, batch_size: 16, seed: 0}   # also weight_decay, warmup_ratio,
+                                  # grad_clip, eval_every, max_length
+  output: runs/learn/tweets-lora
+
+examples:
+  shiftkit learn examples/learn_vader_lora.yaml
+  shiftkit learn examples/learn_vader_lora.yaml --output runs/my-lora --json runs/my-lora.json
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``shiftkit learn`` on ``subparsers``.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> _ = add_parser(p.add_subparsers(dest="command"))
+    """
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "learn",
+        help="train a shift from a YAML config",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", metavar="CONFIG.yaml", help="the run config")
+    parser.add_argument("--output", metavar="DIR", help="output folder (overrides the config's 'output')")
+    parser.add_argument("--json", metavar="PATH", help="also write the metrics JSON to PATH")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, then write the shift file and metrics.json atomically, and print the table.
+
+    Example:
+        >>> run(argparse.Namespace(config="examples/learn_vader_lora.yaml", output=None, json=None,
+        ...                        no_progress=True))  # doctest: +SKIP
+        0
+    """
+    from shiftkit.cli._table import format_table, write_json
+    from shiftkit.errors import ShiftkitError
+    from shiftkit.recipes.config import load_run_config, run_learn
+
+    config = load_run_config(args.config)
+    output = args.output or config.output
+    if not output:
+        raise ShiftkitError(f"{args.config}: no output folder; set 'output:' in the config or pass --output")
+    result = run_learn(config, progress=False if args.no_progress else None)
+
+    import shiftkit as sk
+
+    out = Path(output)
+    shift_path = out / "shift.safetensors"
+    sk.save(result.shift, shift_path)
+    metrics = dict(result.metrics)
+    metrics["shift_file"] = str(shift_path)
+    metrics["shift_bytes"] = shift_path.stat().st_size
+    write_json(out / "metrics.json", metrics)
+    if args.json:
+        write_json(args.json, metrics)
+
+    row: dict[str, Any] = {
+        "method": metrics["method"],
+        "trainable": f"{metrics['trainable_params']:,}",
+        "% of model": f"{metrics['trainable_pct']:.3g}%",
+        **{f"acc {dom}": f"{acc:.3f}" for dom, acc in metrics["accuracy"].items()},
+        "train s": f"{metrics['train_seconds']:.1f}",
+        "steps": metrics["steps"],
+        "final loss": f"{metrics['final_loss']:.3f}",
+        "shift KiB": f"{metrics['shift_bytes'] / 1024:.1f}",
+    }
+    print(format_table([row]))
+    print(f"\nwrote {shift_path} and {out / 'metrics.json'}", file=sys.stdout)
+    return 0

@@ -1,0 +1,120 @@
+"""``shiftkit demo``: the quick run end to end (assets), and the report writer on a synthetic payload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import shiftkit as sk
+from conftest import need_asset
+from shiftkit.bench.report import render_html, table_rows, write_report
+from shiftkit.cli import main
+
+METHODS = ["probe", "full", "lora", "ssf", "bitfit"]
+DOMAINS = ["tweets", "movies", "amazon", "nyt"]
+
+
+def _payload(name: str = "lora") -> dict[str, Any]:
+    rows = []
+    for i, method in enumerate(["full", name]):
+        acc = {d: 0.6 + 0.05 * j + 0.01 * i for j, d in enumerate(DOMAINS)}
+        rows.append(
+            {
+                "method": method,
+                "trainable_params": [1_000_000, 5_000][i],
+                "trainable_pct_of_full": [100.0, 0.5][i],
+                "accuracy": acc,
+                "in_domain": acc["tweets"],
+                "cross_domain_mean": sum(acc[d] for d in DOMAINS[1:]) / 3,
+                "train_seconds": 1.5,
+                "max_fold_diff": 1e-6,
+                "file_bytes": 2048,
+                "lr": 1e-3,
+                "epochs": 1,
+                "batch_size": 16,
+                "steps": 4,
+                "notes": "n<o>tes & more",
+            }
+        )
+    settings = {"model": "minilm", "threshold": 0.5, "n_train": 8, "n_test": 8, "seed": 0, "fold_check": 8}
+    return {
+        "title": "demo <title>",
+        "settings": settings,
+        "train_domain": "tweets",
+        "domains": DOMAINS,
+        "methods": rows,
+        "timings": {"total_seconds": 3.0},
+        "environment": {"torch": "x", "shiftkit": "y", "threads": 2},
+    }
+
+
+def test_table_rows_columns_and_values() -> None:
+    rows, columns = table_rows(_payload())
+    assert columns[:4] == ["method", "trainable", "% of full", "tweets (in)"]
+    assert {"movies", "amazon", "nyt", "cross mean", "train s", "max fold diff", "file"} <= set(columns)
+    assert rows[1]["method"] == "lora" and rows[1]["trainable"] == "5.0k" and rows[1]["% of full"] == "0.5%"
+    assert rows[1]["tweets (in)"] == "0.610" and rows[1]["file"] == "2.0 KiB"
+
+
+def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
+    payload = _payload(name="<script>alert(1)</script>")
+    html = render_html(payload)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert html.count("<svg") == 2 and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "n&lt;o&gt;tes &amp; more" in html and "demo &lt;title&gt;" in html
+    results, report = write_report(tmp_path / "out", payload)
+    assert json.loads(results.read_text()) == payload
+    assert report.read_text() == html
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "results.json"]
+
+
+def test_demo_help_does_not_import_torch() -> None:
+    code = (
+        "import sys\nfrom shiftkit.cli import main\n"
+        "try:\n    main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'demo --help imported torch'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "shiftkit demo --quick" in out.stdout
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    need_asset("minilm")
+    need_asset("vader")
+    out = tmp_path / "demo"
+    extra = tmp_path / "results-copy.json"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--json", str(extra)]) == 0
+    printed = capsys.readouterr().out
+    assert "max fold diff" in printed and "report.html" in printed
+
+    payload = json.loads((out / "results.json").read_text())
+    assert payload == json.loads(extra.read_text())
+    assert payload["train_domain"] == "tweets" and payload["domains"] == DOMAINS
+    assert payload["environment"]["torch"] and payload["timings"]["total_seconds"] > 0
+    rows = {r["method"]: r for r in payload["methods"]}
+    assert list(rows) == METHODS
+    for method, r in rows.items():
+        assert set(r["accuracy"]) == set(DOMAINS), method
+        assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+        assert r["max_fold_diff"] < 1e-4, method  # fold (or task-vector add) reproduces the trained model
+        assert (out / r["shift_file"]).stat().st_size == r["file_bytes"]
+        assert r["train_seconds"] > 0
+    full = rows["full"]["trainable_params"]
+    assert rows["probe"]["trainable_params"] == 384 * 2 + 2
+    for method in ("lora", "ssf", "bitfit"):
+        assert rows[method]["trainable_params"] < 0.02 * full
+        assert sk.load(out / rows[method]["shift_file"]).method == method
+    assert sk.load(out / "full.safetensors").method == "delta"
+
+    html = (out / "report.html").read_text()
+    assert html.count("<svg") == 2 and "<table>" in html
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staged leftovers
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
