@@ -110,7 +110,7 @@ def default_plans(s: DemoSettings) -> list[MethodPlan]:
     """The five methods with their learning rates (why each was chosen is in the notes)."""
 
     # Learning rates from a sweep of three rates per method over 3 seeds (512 tweets, 2 epochs): each is
-    # the best in-domain or within 0.5 points of it. SSF and BitFit train vectors only: larger steps.
+    # the best in-domain or within 1 point of it. SSF and BitFit train vectors only: larger steps.
     def tc(lr: float, **kw: Any) -> TrainConfig:
         base = {"epochs": s.epochs, "batch_size": s.batch_size, "seed": s.seed, "max_length": s.max_length}
         return TrainConfig(**{**base, "lr": lr * s.lr_scale, **kw})
@@ -132,9 +132,11 @@ def default_plans(s: DemoSettings) -> list[MethodPlan]:
         ),
         "lora": MethodPlan(
             name="lora",
-            config=sk.LoRAConfig(r=8, lora_alpha=16, target_modules=("query", "value"), modules_to_save=head),
+            # On query/value only (0.33 % of the parameters) LoRA stayed 1.8 points below full fine-tuning
+            # in-domain (3 seeds); on every Linear it matches it, with 1.5 % of the parameters.
+            config=sk.LoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=head),
             train=tc(2e-3),
-            notes="r=8, alpha=16 on query/value + head",
+            notes="r=8, alpha=16 on every encoder Linear + head",
         ),
         "ssf": MethodPlan(
             name="ssf",
@@ -208,7 +210,6 @@ def run_demo(
         # everything exists and is complete: move it into place (renames, so readers never see half a file)
         out.mkdir(parents=True, exist_ok=True)
         for name in [r["shift_file"] for r in payload["methods"]] + ["results.json", "report.html"]:
-            os.chmod(stage / name, 0o644)  # the atomic writer's temp files are owner-only
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

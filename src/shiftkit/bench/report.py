@@ -13,13 +13,13 @@ import html
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from shiftkit._fileio import atomic_write_text
+
 __all__ = [
     "accuracy_chart_svg",
-    "atomic_write_text",
     "params_chart_svg",
     "render_html",
     "table_rows",
@@ -28,23 +28,6 @@ __all__ = [
 
 # colour-blind-safe palette (Okabe & Ito)
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and a rename: readers never see half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def human_count(n: float) -> str:

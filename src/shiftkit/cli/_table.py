@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -31,15 +29,6 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 
 def write_json(path: str | os.PathLike[str], payload: Any) -> None:
     """Write ``payload`` as JSON to ``path`` atomically (temp file + rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from shiftkit._fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")

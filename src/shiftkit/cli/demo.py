@@ -6,8 +6,11 @@ torch is imported inside :func:`run`, so ``shiftkit demo --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 DESCRIPTION = """\
@@ -49,6 +52,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so the demo's staged files are cleaned up on ``kill`` too."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo, print the table and where the report is.
 
@@ -63,12 +84,13 @@ def run(args: argparse.Namespace) -> int:
 
     settings = quick_settings() if args.quick else DemoSettings()
     start = time.perf_counter()
-    payload = run_demo(
-        settings,
-        args.out,
-        progress=False if args.no_progress else None,
-        log=lambda msg: print(f"[demo] {msg}", file=sys.stderr, flush=True),
-    )
+    with _terminate_as_interrupt():
+        payload = run_demo(
+            settings,
+            args.out,
+            progress=False if args.no_progress else None,
+            log=lambda msg: print(f"[demo] {msg}", file=sys.stderr, flush=True),
+        )
     rows, columns = table_rows(payload)
     print(format_table(rows, columns))
     print(

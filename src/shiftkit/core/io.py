@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 
+from shiftkit._fileio import atomic_write_bytes
 from shiftkit.core.config import config_from_dict, config_to_dict
 from shiftkit.core.shift import DELTA, Shift, split_key
 from shiftkit.errors import CorruptFileError, ShiftkitError
@@ -58,17 +58,7 @@ def atomic_save_tensors(
         clean[k] = t
     # serialise in memory and write our own temp file (safetensors' save_file would leave an anonymous
     # temp file of its own behind if the process is killed mid-write)
-    data = serialize(clean, metadata=metadata)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, serialize(clean, metadata=metadata))
 
 
 def save(shift: Shift, path: str | os.PathLike[str]) -> None:

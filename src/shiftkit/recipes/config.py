@@ -34,12 +34,27 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shiftkit.errors import ShiftkitError
 from shiftkit.recipes.learn import TrainConfig
 
-__all__ = ["FULL", "PROBE", "DataConfig", "LearnResult", "RunConfig", "load_run_config", "parse_run_config"]
+if TYPE_CHECKING:
+    from shiftkit.core.config import ShiftConfig
+    from shiftkit.core.shift import Shift
+
+__all__ = [
+    "FULL",
+    "PROBE",
+    "DataConfig",
+    "LearnResult",
+    "RunConfig",
+    "build_model",
+    "load_run_config",
+    "method_config",
+    "parse_run_config",
+    "run_learn",
+]
 
 FULL, PROBE = "full", "probe"
 _TOP = ("model", "data", "method", "train", "output")
@@ -174,7 +189,7 @@ def load_run_config(path: str | os.PathLike[str]) -> RunConfig:
     return parse_run_config(raw, str(p))
 
 
-def method_config(name: str, options: dict[str, Any], *, head: bool) -> Any:
+def method_config(name: str, options: dict[str, Any], *, head: bool) -> ShiftConfig | None:
     """The registered method's config built from ``options`` (``None`` for ``full`` and ``probe``).
 
     Args:
@@ -213,8 +228,17 @@ def method_config(name: str, options: dict[str, Any], *, head: bool) -> Any:
 def build_model(spec: str, num_labels: int = 2, seed: int = 0) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a zoo encoder name or a ``package.module:function`` factory.
 
+    Args:
+        spec: ``"minilm"`` (a :class:`~shiftkit.recipes.models.TextClassifier` on the zoo encoder) or
+            ``"package.module:function"``, called without arguments.
+        num_labels: classes of a zoo classifier.
+        seed: seed of a zoo classifier's head.
+
     Raises:
         ShiftkitError: the factory cannot be imported or does not return ``(model, tokenizer)``.
+
+    Example:
+        >>> model, tok = build_model("my_project.models:sentiment_classifier")
     """
     from torch import nn
 
@@ -239,7 +263,7 @@ def build_model(spec: str, num_labels: int = 2, seed: int = 0) -> tuple[Any, Any
 class LearnResult:
     """What :func:`run_learn` produced: the shift to save and the metrics to report."""
 
-    shift: Any
+    shift: Shift
     metrics: dict[str, Any]
 
 

@@ -36,6 +36,10 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # a loading bar on every model load is noise in a library: the CLI draws its own progress bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _minilm(dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
