@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -240,23 +239,18 @@ def build_model(spec: str, num_labels: int = 2, seed: int = 0) -> tuple[Any, Any
     Example:
         >>> model, tok = build_model("my_project.models:sentiment_classifier")
     """
-    from torch import nn
+    from shiftkit.recipes.loading import resolve_model
 
     if ":" not in spec:
         from shiftkit.recipes.models import text_classifier
 
         return text_classifier(spec, num_labels=num_labels, seed=seed)
-    module_name, _, fn_name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as err:
-        raise ShiftkitError(f"cannot load model factory {spec!r}: {err}") from None
-    out = fn()
-    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module)):
+    model, tok = resolve_model(spec)
+    if tok is None:
         raise ShiftkitError(
-            f"model factory {spec!r} must return (nn.Module, tokenizer), got {type(out).__name__}"
+            f"model factory {spec!r} must return (nn.Module, tokenizer); it gave no tokenizer"
         )
-    return out
+    return model, tok
 
 
 @dataclass

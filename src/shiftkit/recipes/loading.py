@@ -35,7 +35,7 @@ def resolve_model(spec: str, **kwargs: Any) -> tuple[nn.Module, Any]:
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError) as err:
-            raise ShiftkitError(f"cannot load model {spec!r}: {err}") from None
+            raise ShiftkitError(f"cannot load model factory {spec!r}: {err}") from None
         out = fn(**kwargs)
     elif Path(spec).is_dir():
         from transformers import AutoModel, AutoTokenizer
