@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["TEXT_ENCODERS", "TextClassifier", "text_classifier"]
+__all__ = ["TEXT_ENCODERS", "TextClassifier", "minilm_classifier", "text_classifier"]
 
 #: zoo models that :func:`text_classifier` can build on
 TEXT_ENCODERS: tuple[str, ...] = ("minilm",)
@@ -131,3 +131,15 @@ def text_classifier(name: str = "minilm", num_labels: int = 2, seed: int = 0) ->
 
     encoder, tokenizer = zoo.load_model(name)
     return TextClassifier(encoder, num_labels, seed=seed).eval(), tokenizer
+
+
+def minilm_classifier() -> tuple[TextClassifier, Any]:
+    """The binary MiniLM sentiment classifier of ``shiftkit demo`` and ``shiftkit learn`` (seed 0).
+
+    A ``module:function`` model spec for the command line, e.g. to fold a demo shift:
+    ``shiftkit fold runs/demo/lora.safetensors --model shiftkit.recipes.models:minilm_classifier ...``.
+
+    Example:
+        >>> model, tok = minilm_classifier()
+    """
+    return text_classifier("minilm", num_labels=2, seed=0)
