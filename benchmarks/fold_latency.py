@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         if "checks_max_abs_diff" in res:
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in res["checks_max_abs_diff"].items())
             print(f"{case} output checks (max |Δ|): {diffs}")
-    print(f"results: {path}  ({payload['elapsed_s']:.0f} s)")
+    policy = C.ENV["OMP_WAIT_POLICY"]
+    print(f"results: {path}  ({payload['elapsed_s']:.0f} s, {C.THREADS} threads, OMP_WAIT_POLICY={policy})")
     return 0
 
 

@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['worker_losses_max_rel_diff']:.1e}); load round trip exact: {res['load_equal']}; "
             f"fold max |Δ| {res['fold_max_abs_diff']:.1e}"
         )
-    print(f"results: {path}  ({payload['elapsed_s']:.0f} s)")
+    policy = C.ENV["OMP_WAIT_POLICY"]
+    print(f"results: {path}  ({payload['elapsed_s']:.0f} s, {C.THREADS} threads, OMP_WAIT_POLICY={policy})")
     return 0
 
 

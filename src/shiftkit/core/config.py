@@ -16,7 +16,7 @@ from shiftkit.errors import ShiftkitError
 
 __all__ = ["ShiftConfig", "config_from_dict", "config_to_dict"]
 
-Patterns = str | tuple[str, ...] | None
+Patterns = str | Sequence[str] | None
 
 
 def _as_patterns(value: Any, field_name: str) -> Patterns:
@@ -46,10 +46,11 @@ class ShiftConfig:
     version: ClassVar[int] = 1
     method: ClassVar[str] = ""
 
-    target_modules: Patterns = None
-    exclude_modules: Patterns = None
-    target_types: tuple[str, ...] | None = None
-    modules_to_save: tuple[str, ...] = ()
+    # users pass lists (PEFT style); __post_init__ stores tuples so configs stay hashable and comparable
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    target_types: Sequence[str] | None = None
+    modules_to_save: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         # lists from users or JSON become tuples so configs stay hashable and round-trip equal
