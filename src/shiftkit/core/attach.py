@@ -15,7 +15,7 @@ from torch import nn
 from shiftkit.core.config import ShiftConfig
 from shiftkit.core.registry import MethodSpec, get_method
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.core.targets import iter_base_modules, match_names
+from shiftkit.core.targets import iter_base_modules, match_names, match_targets
 from shiftkit.core.wrapper import ShiftWrapper, TrainableCopy, write_params_
 from shiftkit.errors import NotFoldableError, ShiftkitError, ShiftMismatchError, TargetNotFoundError
 
@@ -122,8 +122,6 @@ def attach_(model: nn.Module, shift: ShiftConfig | Shift) -> nn.Module:
             raise ShiftMismatchError(f"{spec.name} cannot wrap {', '.join(wrong_type[:5])}")
     elif isinstance(shift, ShiftConfig):
         config, spec = shift, get_method(shift)
-        from shiftkit.core.targets import match_targets
-
         targets = match_targets(model, config, spec.targets, spec.default_targets, spec.accepts)
         saved = []
         if config.modules_to_save:
