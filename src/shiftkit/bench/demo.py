@@ -41,6 +41,7 @@ from shiftkit.recipes.learn import (
     TrainConfig,
     encode_texts,
     eval_batches,
+    logits_accuracy,
     predict,
     tensor_batches,
     text_batches,
@@ -165,10 +166,6 @@ def _features(
     dev = next(model.parameters()).device
     feats = [model.embed(b["input_ids"].to(dev), b["attention_mask"].to(dev)) for b in batches]
     return torch.cat(feats), torch.cat([b["labels"] for b in batches]).to(dev)
-
-
-def _acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean())
 
 
 class _Holder(nn.Module):
@@ -316,7 +313,7 @@ def _probe(
         desc="probe",
     )
     with torch.no_grad():
-        acc = {dom: _acc(head(f), lab) for dom, (f, lab) in test_feats.items()}
+        acc = {dom: logits_accuracy(head(f), lab) for dom, (f, lab) in test_feats.items()}
     # The probe's "shift" is the task vector of the head; applying it to a fresh copy is its fold.
     delta = sk.task_vector(_Holder(copy.deepcopy(base_head)), _Holder(head))
     path = stage / "probe.safetensors"
@@ -369,7 +366,7 @@ def _encoder_method(
         desc=plan.name,
     )
     t = time.perf_counter()
-    acc = {dom: _acc(*predict(model, batches)) for dom, batches in tests.items()}
+    acc = {dom: logits_accuracy(*predict(model, batches)) for dom, batches in tests.items()}
     eval_s = time.perf_counter() - t
     trained_logits, _ = predict(model, fold_batches)
     path = stage / f"{plan.name}.safetensors"

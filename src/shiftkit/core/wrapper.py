@@ -37,12 +37,18 @@ class ShiftModule(Protocol):
         """The trainable shift parameters by role (``"lora_A"``, ``"scale"``, ...)."""
         ...
 
+    def named_shift_buffers(self) -> dict[str, Tensor]:
+        """Non-trainable tensors saved with the shift (e.g. a trained copy's running statistics)."""
+        ...
+
 
 def is_shift_module(module: nn.Module) -> bool:
-    """True if ``module`` is a shift wrapper (it carries ``base`` and ``shift_method``)."""
-    return isinstance(module, ShiftWrapper) or (
-        hasattr(module, "shift_method") and isinstance(getattr(module, "base", None), nn.Module)
-    )
+    """True if ``module`` is a shift wrapper attached by shiftkit.
+
+    The same test the attach/fold machinery uses, so target matching and folding never disagree about
+    which modules are wrappers.
+    """
+    return isinstance(module, ShiftWrapper)
 
 
 class ShiftWrapper(nn.Module):

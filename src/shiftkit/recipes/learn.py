@@ -37,6 +37,7 @@ __all__ = [
     "cosine_schedule",
     "encode_texts",
     "eval_batches",
+    "logits_accuracy",
     "param_groups",
     "predict",
     "tensor_batches",
@@ -371,5 +372,18 @@ def accuracy(model: nn.Module, batches: Iterable[Batch]) -> float:
         >>> accuracy(model, eval_batches(data))
         0.87
     """
-    logits, labels = predict(model, batches)
+    return logits_accuracy(*predict(model, batches))
+
+
+def logits_accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows whose arg-max logit is the label.
+
+    Args:
+        logits: ``(n, classes)``.
+        labels: ``(n,)``.
+
+    Example:
+        >>> logits_accuracy(torch.tensor([[0.1, 0.9]]), torch.tensor([1]))
+        1.0
+    """
     return float((logits.argmax(-1) == labels).float().mean())
