@@ -9,6 +9,7 @@ from shiftkit.core.attach import (
     extract,
     fold_,
     named_shift_parameters,
+    regularization_loss,
     shift_parameters,
 )
 from shiftkit.core.config import ShiftConfig, config_from_dict, config_to_dict
@@ -55,6 +56,7 @@ __all__ = [
     "list_methods",
     "load",
     "named_shift_parameters",
+    "regularization_loss",
     "read_metadata",
     "register_method",
     "save",

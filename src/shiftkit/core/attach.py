@@ -27,6 +27,7 @@ __all__ = [
     "fold_",
     "module_shape",
     "named_shift_parameters",
+    "regularization_loss",
     "shift_parameters",
 ]
 
@@ -140,21 +141,20 @@ def attach_(model: nn.Module, shift: ShiftConfig | Shift) -> nn.Module:
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for fqn, module in targets:
-            try:
-                wrapper = spec.wrap(module, config)
-            except ShiftkitError as err:
-                raise type(err)(f"{spec.name} on {fqn!r}: {err}") from None
+        for fqn, wrapper in _build_wrappers(model, spec, targets, config):
             wrapper.shift_method = spec.name
             _set_child(model, fqn, wrapper)
-            done.append((fqn, module))
+            done.append((fqn, wrapper.base))
         for fqn, module in saved:
             _set_child(model, fqn, TrainableCopy(module))
             done.append((fqn, module))
         model.__dict__[_STATE] = {"method": spec.name, "config": config, "requires_grad": flags}
+        for fqn, wrapper in attached_wrappers(model):
+            wrapper.on_attach(model, fqn)
         if isinstance(shift, Shift):
             _load_tensors(model, shift)
     except BaseException:
+        _remove_hooks(model)
         for fqn, module in done:
             _set_child(model, fqn, module)
         model.__dict__.pop(_STATE, None)
@@ -162,6 +162,31 @@ def attach_(model: nn.Module, shift: ShiftConfig | Shift) -> nn.Module:
             p.requires_grad_(flags.get(n, p.requires_grad))
         raise
     return model
+
+
+def _build_wrappers(
+    model: nn.Module, spec: MethodSpec, targets: list[tuple[str, nn.Module]], config: ShiftConfig
+) -> list[tuple[str, ShiftWrapper]]:
+    if spec.wrap_group is not None:
+        try:
+            wrappers = spec.wrap_group(model, targets, config)
+        except ShiftkitError as err:
+            raise type(err)(f"{spec.name}: {err}") from None
+        if len(wrappers) != len(targets):
+            raise ShiftkitError(f"{spec.name} built {len(wrappers)} wrappers for {len(targets)} targets")
+        return [(fqn, w) for (fqn, _), w in zip(targets, wrappers, strict=True)]
+    out = []
+    for fqn, module in targets:
+        try:
+            out.append((fqn, spec.wrap(module, config)))
+        except ShiftkitError as err:
+            raise type(err)(f"{spec.name} on {fqn!r}: {err}") from None
+    return out
+
+
+def _remove_hooks(model: nn.Module) -> None:
+    for fqn, wrapper in attached_wrappers(model):
+        wrapper.on_detach(model, fqn)
 
 
 @torch.no_grad()
@@ -196,19 +221,47 @@ def _require_attached(model: nn.Module, verb: str) -> tuple[dict[str, Any], list
 def _named_shift_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything a shift file stores: shift parameters and shift buffers, keyed ``<module>.<role>``."""
     out: dict[str, torch.Tensor] = dict(named_shift_parameters(model))
+    seen = {id(t) for t in out.values()}
     for fqn, wrapper in attached_wrappers(model):
         for role, b in wrapper.named_shift_buffers().items():
-            out[f"{fqn}.{role}"] = b
+            if id(b) not in seen:  # a buffer shared by several wrappers is stored once
+                seen.add(id(b))
+                out[f"{fqn}.{role}"] = b
     return out
 
 
 def named_shift_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable shift parameters keyed ``<module name>.<role>`` (the keys of the shift file)."""
+    """The trainable shift parameters keyed ``<module name>.<role>`` (the keys of the shift file).
+
+    A parameter shared by several wrappers (a subspace vector, a shared recursive block) appears once,
+    under the first wrapper that holds it.
+    """
     out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
     for fqn, wrapper in attached_wrappers(model):
         for role, p in wrapper.named_shift_parameters().items():
-            out[f"{fqn}.{role}"] = p
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[f"{fqn}.{role}"] = p
     return out
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor:
+    """The attached shift's training regulariser (e.g. PEGO's orthogonality loss), to add to the task loss.
+
+    Zero (a scalar tensor) for methods without one, so training loops can always add it.
+
+    Example:
+        >>> loss = F.cross_entropy(model(x), y) + sk.regularization_loss(model)
+    """
+    terms = [t for _, w in attached_wrappers(model) if (t := w.regularization_loss()) is not None]
+    if not terms:
+        p = next(iter(model.parameters()), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t.to(total.device)
+    return total
 
 
 def shift_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -256,6 +309,7 @@ def fold_(model: nn.Module) -> nn.Module:
             f"{spec.name} shifts cannot be folded into the base weights; use sk.detach_ or keep them attached"
         )
     values = {fqn: w.folded_params() for fqn, w in wrappers}  # compute all before mutating anything
+    _remove_hooks(model)
     for fqn, w in wrappers:
         write_params_(w.base, values[fqn])
         _set_child(model, fqn, w.base)
@@ -271,6 +325,7 @@ def detach_(model: nn.Module) -> nn.Module:
         >>> sk.detach_(model)
     """
     st, wrappers = _require_attached(model, "detach")
+    _remove_hooks(model)
     for fqn, w in wrappers:
         _set_child(model, fqn, w.base)
     model.__dict__.pop(_STATE, None)

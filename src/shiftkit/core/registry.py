@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from torch import nn
 
-from shiftkit.errors import UnknownMethodError
+from shiftkit.errors import ShiftkitError, UnknownMethodError
 
 if TYPE_CHECKING:
     from shiftkit.core.config import ShiftConfig
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["METHODS", "MethodSpec", "Registry", "get_method", "list_methods", "register_method"]
+__all__ = ["METHODS", "GroupWrapFn", "MethodSpec", "Registry", "get_method", "list_methods", "register_method"]
 
 
 class Registry(Generic[T]):
@@ -69,6 +69,7 @@ class Registry(Generic[T]):
 
 
 WrapFn = Callable[[nn.Module, "ShiftConfig"], "ShiftWrapper"]
+GroupWrapFn = Callable[[nn.Module, "list[tuple[str, nn.Module]]", "ShiftConfig"], "list[ShiftWrapper]"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class MethodSpec:
             default already is), or ``None`` when the method has no zero initialisation.
         default_targets: what ``target_modules=None`` means (``"all"`` or ``"all-linear"``).
         accepts: optional finer filter on a module of a supported type (BitFit: "has a bias").
+        wrap_group: for methods whose wrappers share state (one subspace vector, shared recursive
+            blocks): ``wrap_group(root, [(name, module), ...], config) -> [wrapper, ...]`` builds every
+            wrapper at once, in target order. Used instead of ``wrap`` when set.
     """
 
     name: str
@@ -95,6 +99,7 @@ class MethodSpec:
     zero_init: Mapping[str, Any] | None = field(default_factory=dict)
     default_targets: str = "all"
     accepts: Callable[[nn.Module], bool] | None = None
+    wrap_group: GroupWrapFn | None = None
 
 
 METHODS: Registry[MethodSpec] = Registry("shift method")
@@ -111,8 +116,12 @@ def register_method(
     zero_init: Mapping[str, Any] | None = _NO_OVERRIDES,
     default_targets: str = "all",
     accepts: Callable[[nn.Module], bool] | None = None,
-) -> Callable[[WrapFn], WrapFn]:
+    group: bool = False,
+) -> Callable[[Any], Any]:
     """Register a learnable method; decorates its ``wrap(module, config)`` factory.
+
+    With ``group=True`` the decorated function is ``wrap_group(root, targets, config) -> wrappers``,
+    building all wrappers of one attach at once (for wrappers that share parameters).
 
     Example:
         >>> @register_method("mine", config=MineConfig, targets=(nn.Linear,), foldable=True)
@@ -120,13 +129,14 @@ def register_method(
         ...     return MineLinear(module, config)
     """
 
-    def decorator(fn: WrapFn) -> WrapFn:
+    def decorator(fn: Any) -> Any:
         spec = MethodSpec(
             name=name,
             config_cls=config,
             targets=targets,
             foldable=foldable,
-            wrap=fn,
+            wrap=_group_only(name) if group else fn,
+            wrap_group=fn if group else None,
             zero_init=None if zero_init is None else dict(zero_init),
             default_targets=default_targets,
             accepts=accepts,
@@ -137,6 +147,13 @@ def register_method(
         return fn
 
     return decorator
+
+
+def _group_only(name: str) -> WrapFn:
+    def wrap(module: nn.Module, config: ShiftConfig) -> ShiftWrapper:
+        raise ShiftkitError(f"{name} wrappers share state; attach them with sk.attach_(model, config)")
+
+    return wrap
 
 
 def get_method(name_or_config: str | ShiftConfig | type[ShiftConfig]) -> MethodSpec:

@@ -119,6 +119,22 @@ class ShiftWrapper(nn.Module):
         """Non-trainable tensors that belong to the shift and are saved with it (none by default)."""
         return {}
 
+    # --- optional hooks -------------------------------------------------------------------------
+    def on_attach(self, root: nn.Module, name: str) -> None:
+        """Called once all wrappers of an attach are in place; ``name`` is this wrapper's path in ``root``.
+
+        A method that must act outside its module (prompt tuning rewrites the inputs of the transformers
+        model that owns the embedding) installs its hooks here and removes them in :meth:`on_detach`.
+        Store hook ids rather than handles, so deep copies of the model stay independent.
+        """
+
+    def on_detach(self, root: nn.Module, name: str) -> None:
+        """Undo :meth:`on_attach`; called before the wrapper is removed by ``fold_`` or ``detach_``."""
+
+    def regularization_loss(self) -> Tensor | None:
+        """This wrapper's term of the training regulariser (PEGO's orthogonality loss); ``None`` if none."""
+        return None
+
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_shift_parameters().items())
         return f"method={self.shift_method}, {shapes}"

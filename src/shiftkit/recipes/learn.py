@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from shiftkit.core.attach import regularization_loss
 from shiftkit.errors import ShiftkitError
 
 __all__ = [
@@ -266,6 +267,7 @@ def train(
 ) -> TrainResult:
     """Train ``params`` of ``model`` on ``train_batches`` with cross-entropy.
 
+    The loss is cross-entropy plus :func:`shiftkit.regularization_loss` of the attached shift.
     Each batch is a mapping with a ``"labels"`` tensor ``(batch,)``; every other entry is passed to
     ``model(**inputs)``, which must return logits ``(batch, classes)``. The model is in train mode while
     training (dropout on) and in eval mode during ``eval_fn`` and after the loop.
@@ -318,7 +320,8 @@ def train(
             for batch in train_batches:
                 inputs = _to(batch, device)
                 labels = inputs.pop("labels")
-                loss = F.cross_entropy(model(**inputs), labels)
+                # plus the shift's own regulariser (PEGO's orthogonality loss; zero for most methods)
+                loss = F.cross_entropy(model(**inputs), labels) + regularization_loss(model)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip > 0:
