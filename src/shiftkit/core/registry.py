@@ -21,7 +21,15 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["METHODS", "GroupWrapFn", "MethodSpec", "Registry", "get_method", "list_methods", "register_method"]
+__all__ = [
+    "METHODS",
+    "GroupWrapFn",
+    "MethodSpec",
+    "Registry",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
 
 
 class Registry(Generic[T]):
