@@ -151,3 +151,11 @@ def test_failed_attach_removes_hooks(shared_method: str) -> None:
         sk.attach_(model, bad)
     assert len(model._forward_pre_hooks) == 0
     assert not any(isinstance(m, ShiftWrapper) for m in model.modules())
+
+
+def test_wrappers_follow_the_mode_of_the_module_they_wrap() -> None:
+    model = _model().eval()
+    sk.attach_(model, sk.LoRAConfig(r=2, lora_dropout=0.5, target_modules=["0"], modules_to_save=["2"]))
+    assert not any(m.training for m in model.modules())  # dropout stays off in an eval-mode model
+    x = torch.randn(3, 4)
+    assert torch.equal(model(x), model(x))

@@ -143,10 +143,11 @@ def attach_(model: nn.Module, shift: ShiftConfig | Shift) -> nn.Module:
             p.requires_grad_(False)
         for fqn, wrapper in _build_wrappers(model, spec, targets, config):
             wrapper.shift_method = spec.name
+            wrapper.train(wrapper.base.training)  # a new module starts in train mode: follow the base's
             _set_child(model, fqn, wrapper)
             done.append((fqn, wrapper.base))
         for fqn, module in saved:
-            _set_child(model, fqn, TrainableCopy(module))
+            _set_child(model, fqn, TrainableCopy(module).train(module.training))
             done.append((fqn, module))
         model.__dict__[_STATE] = {"method": spec.name, "config": config, "requires_grad": flags}
         for fqn, wrapper in attached_wrappers(model):
