@@ -142,6 +142,11 @@ def test_fold_in_train_mode_then_eval(method: str, model_name: str) -> None:
     _attach(model, method)
     _randomise(model)
     model.train()
+    # this check is about batch statistics; dropout in a shift branch (LoRA, linear adapters) is random in
+    # training by design and has nothing to fold, so it is switched off here
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
     if not sk.get_method(method).foldable:
         with pytest.raises(sk.NotFoldableError):
             sk.fold_(model)
