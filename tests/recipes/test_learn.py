@@ -161,10 +161,11 @@ def test_no_weight_decay_on_vectors() -> None:
             self.head = nn.Linear(2, 2)
             self.matrix = nn.Parameter(torch.ones(3, 3))
             self.vector = nn.Parameter(torch.ones(3))
+            self.column = nn.Parameter(torch.ones(3, 1))  # a vector in PEFT's (IA)³ layout
 
         def forward(self, input: Tensor) -> Tensor:
             # the extra parameters get gradients that are exactly zero
-            return self.head(input) + 0.0 * (self.matrix.sum() + self.vector.sum())
+            return self.head(input) + 0.0 * (self.matrix.sum() + self.vector.sum() + self.column.sum())
 
     model = Model()
     groups = param_groups(model.parameters(), 0.1)
@@ -177,6 +178,7 @@ def test_no_weight_decay_on_vectors() -> None:
     total, warmup = res.steps, round(0.2 * res.steps)
     factor = math.prod(1 - 0.5 * cosine_schedule(s, total, warmup) * 0.1 for s in range(total))
     assert torch.equal(model.vector.detach(), torch.ones(3))
+    assert torch.equal(model.column.detach(), torch.ones(3, 1))
     torch.testing.assert_close(model.matrix.detach(), torch.full((3, 3), factor))
 
 

@@ -134,15 +134,20 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 
 def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: matrices (ndim >= 2) decay, vectors and scalars do not.
+    """AdamW groups: matrices decay; vectors, scalars and vector-shaped matrices do not.
+
+    A vector stored as a ``(n, 1)`` or ``(1, n)`` matrix (PEFT's layout of the (IA)³ scales) is a vector:
+    decaying scales (or SSF's γ, or SVFit's singular values) would pull them toward 0, not toward the base.
 
     Example:
         >>> opt = torch.optim.AdamW(param_groups(sk.shift_parameters(model), 0.01), lr=1e-3)
     """
     params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2 and sum(d > 1 for d in p.shape) >= 2]
+    ids = {id(p) for p in decay}
     return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in ids], "weight_decay": 0.0},
     ]
 
 
