@@ -1,4 +1,4 @@
-"""Tiny seeded CPU models (a few hundred parameters, fp32) covering every module kind a method may wrap.
+"""Tiny seeded CPU models (fp32, a few thousand parameters at most), one per kind of module a method wraps.
 
 ``TINY_MODELS[name]()`` returns ``(model, example_input)``. Each factory is deterministic (its own seed,
 without disturbing the global RNG) so two calls give bit-identical models: tests can build a fresh copy
@@ -17,9 +17,11 @@ from torch import Tensor, nn
 __all__ = [
     "TINY_MODELS",
     "TaggedLinear",
+    "TinyBert",
     "TinyBlock",
     "TinyCNN",
     "TinyEmbedLM",
+    "TinyLlama",
     "TinyMLP",
     "TinyTagged",
     "make",
@@ -142,6 +144,63 @@ class TinyEmbedLM(nn.Module):
         return self.lm_head(F.relu(self.proj(self.embed(ids))))
 
 
+class TinyBert(nn.Module):
+    """A 2-layer transformers ``BertModel`` (hidden 16, 2 heads, vocab 50). ``ids (N, T) -> (N, T, 16)``.
+
+    ``model(ids)`` returns ``last_hidden_state`` so the suite can compare tensors. The wrapper does not
+    define ``get_input_embeddings``: the inner ``hf`` model does, and it receives ``input_ids`` by keyword,
+    which is what input-space methods (prompt tuning) hook. Dropout is off and attention is "eager" so
+    train and eval forwards are deterministic.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,  # room for the default 20 virtual tokens of prompt tuning
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            attn_implementation="eager",
+        )
+        self.hf = BertModel(config, add_pooling_layer=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.hf(input_ids=ids).last_hidden_state
+
+
+class TinyLlama(nn.Module):
+    """A 2-layer transformers ``LlamaForCausalLM`` (hidden 16, 2 heads, 1 KV head, vocab 50, untied head).
+
+    ``ids (N, T) -> logits (N, T, 50)``; the inner ``hf`` model owns ``get_input_embeddings``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,  # grouped-query attention, as in SmolLM2
+            intermediate_size=32,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,  # a tied head would make two wrappers write one tensor on fold
+            attn_implementation="eager",
+        )
+        self.hf = LlamaForCausalLM(config)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.hf(input_ids=ids).logits
+
+
 def _mlp() -> tuple[nn.Module, Tensor]:
     with _seeded(1):
         return TinyMLP(), torch.randn(4, 6)
@@ -167,12 +226,24 @@ def _embed() -> tuple[nn.Module, Tensor]:
         return TinyEmbedLM(), torch.randint(0, 12, (2, 5))
 
 
+def _bert() -> tuple[nn.Module, Tensor]:
+    with _seeded(6):
+        return TinyBert(), torch.randint(0, 50, (2, 5))
+
+
+def _llama() -> tuple[nn.Module, Tensor]:
+    with _seeded(7):
+        return TinyLlama(), torch.randint(0, 50, (2, 5))
+
+
 TINY_MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
     "mlp": _mlp,
     "cnn": _cnn,
     "mha_block": _block,
     "tagged_linear": _tagged,
     "embedding": _embed,
+    "tiny_bert": _bert,
+    "tiny_llama": _llama,
 }
 
 

@@ -175,7 +175,11 @@ def _build_wrappers(
             raise type(err)(f"{spec.name}: {err}") from None
         if len(wrappers) != len(targets):
             raise ShiftkitError(f"{spec.name} built {len(wrappers)} wrappers for {len(targets)} targets")
-        return [(fqn, w) for (fqn, _), w in zip(targets, wrappers, strict=True)]
+        # ``None`` declines a target (prompt tuning keeps only the input embedding among the embeddings)
+        kept = [(fqn, w) for (fqn, _), w in zip(targets, wrappers, strict=True) if w is not None]
+        if not kept:
+            raise TargetNotFoundError(f"{spec.name} declined every selected module")
+        return kept
     out = []
     for fqn, module in targets:
         try:

@@ -7,7 +7,7 @@ A registry maps a name (the file name of the method) to an entry. Look-ups of un
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -77,7 +77,9 @@ class Registry(Generic[T]):
 
 
 WrapFn = Callable[[nn.Module, "ShiftConfig"], "ShiftWrapper"]
-GroupWrapFn = Callable[[nn.Module, "list[tuple[str, nn.Module]]", "ShiftConfig"], "list[ShiftWrapper]"]
+GroupWrapFn = Callable[
+    [nn.Module, "list[tuple[str, nn.Module]]", "ShiftConfig"], "Sequence[ShiftWrapper | None]"
+]
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ class MethodSpec:
         accepts: optional finer filter on a module of a supported type (BitFit: "has a bias").
         wrap_group: for methods whose wrappers share state (one subspace vector, shared recursive
             blocks): ``wrap_group(root, [(name, module), ...], config) -> [wrapper, ...]`` builds every
-            wrapper at once, in target order. Used instead of ``wrap`` when set.
+            wrapper at once, in target order; ``None`` in place of a wrapper declines that target.
+            Used instead of ``wrap`` when set.
     """
 
     name: str
