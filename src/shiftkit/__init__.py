@@ -102,6 +102,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TargetNotFoundError,
         UnknownMethodError,
     )
+    from shiftkit.methods._peft import export_peft, import_peft
+    from shiftkit.methods.adapter import AdapterConfig
     from shiftkit.methods.bitfit import BitFitConfig
+    from shiftkit.methods.ia3 import IA3Config
+    from shiftkit.methods.linear_adapter import LinearAdapterConfig
     from shiftkit.methods.lora import LoRAConfig
+    from shiftkit.methods.pego import PEGOConfig
+    from shiftkit.methods.prompt_tuning import PromptTuningConfig
+    from shiftkit.methods.recursive import RecursiveConfig
     from shiftkit.methods.ssf import SSFConfig
+    from shiftkit.methods.subspace import SubspaceConfig
+    from shiftkit.methods.svfit import SVFitConfig

@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+from shiftkit.methods.adapter import AdapterConfig
 from shiftkit.methods.bitfit import BitFitConfig
+from shiftkit.methods.ia3 import IA3Config
+from shiftkit.methods.linear_adapter import LinearAdapterConfig
 from shiftkit.methods.lora import LoRAConfig
+from shiftkit.methods.pego import PEGOConfig
+from shiftkit.methods.prompt_tuning import PromptTuningConfig
+from shiftkit.methods.recursive import RecursiveConfig
 from shiftkit.methods.ssf import SSFConfig
+from shiftkit.methods.subspace import SubspaceConfig
+from shiftkit.methods.svfit import SVFitConfig
 
-__all__ = ["BitFitConfig", "LoRAConfig", "SSFConfig"]
+__all__ = [
+    "AdapterConfig",
+    "BitFitConfig",
+    "IA3Config",
+    "LinearAdapterConfig",
+    "LoRAConfig",
+    "PEGOConfig",
+    "PromptTuningConfig",
+    "RecursiveConfig",
+    "SSFConfig",
+    "SVFitConfig",
+    "SubspaceConfig",
+]
