@@ -51,6 +51,7 @@ test: lint typecheck pytest
 
 bench: assets
 	$(BIN)/python benchmarks/peft_lora_step.py
+	$(BIN)/python benchmarks/peft_ia3_step.py
 	$(BIN)/python benchmarks/fold_latency.py
 
 clean:

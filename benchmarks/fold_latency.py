@@ -1,9 +1,10 @@
 """Inference latency: base model vs folded shifts vs unmerged LoRA (shiftkit and HF PEFT), BENCH.md.
 
 Variants, on the random Llama (batch 8×128) and the real MiniLM (16×64), eval mode, no grad:
-``base``; ``lora_folded`` and ``ssf_folded`` (``sk.fold_``: the original architecture with new weights;
-SSF also gives bias-free Linears a bias); ``sk_unmerged`` (LoRA attached); ``peft_unmerged``
-(``get_peft_model``, same LoRA factors). IA3 is not in shiftkit yet: listed as n/a (issue 3).
+``base``; ``lora_folded``, ``ssf_folded`` and ``ia3_folded`` (``sk.fold_``: the original architecture with
+new weights; SSF also gives bias-free Linears a bias); ``sk_unmerged`` (LoRA attached); ``peft_unmerged``
+(``get_peft_model``, same LoRA factors); ``ia3_sk_unmerged`` / ``ia3_peft_unmerged``: (IA)³ on PEFT's
+default targets (see ``peft_ia3_step.py``), attached, with the same vectors ``1 + 0.1·N(0, 1)``.
 
 Every repetition is a fresh process that builds all variants from one base, checks their outputs agree
 (folded = attached; shiftkit unmerged = PEFT unmerged), then times forwards in interleaved rounds with a
@@ -25,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import _common as C
+import peft_ia3_step as IA3
 
 SCRIPT = Path(__file__).resolve()
 SHAPES = {"llama": (8, 128), "minilm": (16, 64)}
-VARIANTS = ("base", "lora_folded", "ssf_folded", "sk_unmerged", "peft_unmerged")
-NOT_AVAILABLE = {"ia3_folded": "n/a (issue 3)"}
+VARIANTS = ("base", "lora_folded", "ssf_folded", "ia3_folded", "sk_unmerged", "peft_unmerged")
+VARIANTS += ("ia3_sk_unmerged", "ia3_peft_unmerged")
 DEFAULTS = {"llama": (6, 2), "minilm": (6, 1)}  # (rounds, forwards per variant per round)
 
 
@@ -80,13 +82,30 @@ def _build(case: str) -> tuple[dict[str, Any], dict[str, float]]:
         ssf_attached = _out(ssf, probe)
     models["ssf_folded"] = sk.fold_(ssf).eval()
 
+    ia3 = IA3.attach_shiftkit_ia3(copy.deepcopy(base), case)
+    g = torch.Generator().manual_seed(5)  # non-trivial vectors, as in peft_ia3_step.py's check
+    vectors = {n: 1.0 + 0.1 * torch.randn(v.shape, generator=g) for n, v in IA3.ia3_vectors(ia3).items()}
+    IA3.set_ia3_(ia3, vectors)
+    models["ia3_sk_unmerged"] = ia3.eval()
+    peft_ia3 = IA3.attach_peft_ia3(copy.deepcopy(base), case)
+    IA3.set_ia3_(peft_ia3, vectors)
+    models["ia3_peft_unmerged"] = peft_ia3.eval()
+    ia3_fold = IA3.attach_shiftkit_ia3(copy.deepcopy(base), case)
+    IA3.set_ia3_(ia3_fold, vectors)
+    models["ia3_folded"] = sk.fold_(ia3_fold).eval()
+
     with torch.no_grad():
         o = {k: _out(m, probe) for k, m in models.items()}
     checks = {
         "lora_folded_vs_sk_unmerged": float((o["lora_folded"] - o["sk_unmerged"]).abs().max()),
         "sk_unmerged_vs_peft_unmerged": float((o["sk_unmerged"] - o["peft_unmerged"]).abs().max()),
         "ssf_folded_vs_ssf_attached": float((o["ssf_folded"] - ssf_attached).abs().max()),
+        "ia3_folded_vs_ia3_sk_unmerged": float((o["ia3_folded"] - o["ia3_sk_unmerged"]).abs().max()),
+        "ia3_sk_unmerged_vs_ia3_peft_unmerged": float(
+            (o["ia3_sk_unmerged"] - o["ia3_peft_unmerged"]).abs().max()
+        ),
         "lora_vs_base (must be > 0)": float((o["sk_unmerged"] - o["base"]).abs().max()),
+        "ia3_vs_base (must be > 0)": float((o["ia3_sk_unmerged"] - o["base"]).abs().max()),
     }
     return models, checks
 
@@ -101,7 +120,10 @@ def run_worker(case: str, rounds: int, per_round: int) -> None:
         checks["lora_folded_vs_sk_unmerged"] <= 1e-4
         and checks["sk_unmerged_vs_peft_unmerged"] <= 1e-5
         and checks["ssf_folded_vs_ssf_attached"] <= 1e-4
+        and checks["ia3_folded_vs_ia3_sk_unmerged"] <= 1e-4
+        and checks["ia3_sk_unmerged_vs_ia3_peft_unmerged"] <= 1e-5
         and checks["lora_vs_base (must be > 0)"] > 0
+        and checks["ia3_vs_base (must be > 0)"] > 0
     )
     inputs = _inputs(case, SHAPES[case])
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
@@ -140,9 +162,13 @@ def bench_case(case: str, reps: int, rounds: int, per_round: int) -> dict[str, A
     ratios = {
         "lora_folded/base": paired("lora_folded", "base"),
         "ssf_folded/base": paired("ssf_folded", "base"),
+        "ia3_folded/base": paired("ia3_folded", "base"),
         "sk_unmerged/peft_unmerged": paired("sk_unmerged", "peft_unmerged"),
+        "ia3_sk_unmerged/ia3_peft_unmerged": paired("ia3_sk_unmerged", "ia3_peft_unmerged"),
         "sk_unmerged/base": paired("sk_unmerged", "base"),
         "peft_unmerged/base": paired("peft_unmerged", "base"),
+        "ia3_sk_unmerged/base": paired("ia3_sk_unmerged", "base"),
+        "ia3_peft_unmerged/base": paired("ia3_peft_unmerged", "base"),
     }
     checks = {k: max(r["checks"][k] for r in runs) for k in runs[0]["checks"]}
     return {
@@ -156,9 +182,12 @@ def bench_case(case: str, reps: int, rounds: int, per_round: int) -> dict[str, A
         "ratios_of_medians": {
             "lora_folded/base": C.ratio(stats["lora_folded"], stats["base"]),
             "ssf_folded/base": C.ratio(stats["ssf_folded"], stats["base"]),
+            "ia3_folded/base": C.ratio(stats["ia3_folded"], stats["base"]),
             "sk_unmerged/peft_unmerged": C.ratio(stats["sk_unmerged"], stats["peft_unmerged"]),
+            "ia3_sk_unmerged/ia3_peft_unmerged": C.ratio(
+                stats["ia3_sk_unmerged"], stats["ia3_peft_unmerged"]
+            ),
         },
-        "not_available": NOT_AVAILABLE,
         "runs": runs,
     }
 
@@ -179,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = a.reps or (2 if a.quick else 5)
     payload: dict[str, Any] = {"benchmark": "fold_latency", "environment": C.environment(), "models": {}}
     payload["settings"] = {"r": C.R, "lora_alpha": C.ALPHA, "targets": C.TARGETS, "ssf_targets": "all"}
+    payload["settings"]["ia3_targets"] = "PEFT defaults (target_modules=None)"
     t_start = time.perf_counter()
     for case in ("llama", "minilm"):
         if case not in a.models:
@@ -212,15 +242,15 @@ def main(argv: list[str] | None = None) -> int:
                     "vs base (paired)": f"{vs_base:.3f}",
                 }
             )
-        col = "ms/forward median (min–max)"
-        rows.extend({"model": case, "variant": k, col: v} for k, v in NOT_AVAILABLE.items())
         r = res["ratios_paired"]
         parts.append(
             f"{case}: lora_folded/base {r['lora_folded/base']['median']:.3f}, "
-            f"ssf_folded/base {r['ssf_folded/base']['median']:.3f} (target 0.98–1.02), "
-            f"sk_unmerged/peft_unmerged {r['sk_unmerged/peft_unmerged']['median']:.3f} (target ≤1)"
+            f"ssf_folded/base {r['ssf_folded/base']['median']:.3f}, "
+            f"ia3_folded/base {r['ia3_folded/base']['median']:.3f} (target 0.98–1.02), "
+            f"sk_unmerged/peft_unmerged {r['sk_unmerged/peft_unmerged']['median']:.3f}, "
+            f"ia3 {r['ia3_sk_unmerged/ia3_peft_unmerged']['median']:.3f} (target ≤1)"
         )
-    print("fold_latency: " + "; ".join(parts) + "; ia3: n/a (issue 3)")
+    print("fold_latency: " + "; ".join(parts))
     if rows:
         print(C.format_table(rows, ["model", "variant", "ms/forward median (min–max)", "vs base (paired)"]))
     for case, res in payload["models"].items():

@@ -45,7 +45,9 @@ CONFIGS: dict[str, dict[str, Factory]] = {
     },
     "svfit": {
         "minilm": lambda: sk.SVFitConfig(r=16, target_modules=_BERT_QV),
-        "smollm2-135m": lambda: sk.SVFitConfig(r=16, target_modules=r"model\.layers\.[01]\.self_attn\.q_proj"),
+        "smollm2-135m": lambda: sk.SVFitConfig(
+            r=16, target_modules=r"model\.layers\.[01]\.self_attn\.q_proj"
+        ),
         "efficientnet-lite0": lambda: sk.SVFitConfig(r=16, target_modules=["_fc"]),
     },
     "ia3": {
@@ -113,7 +115,9 @@ def real() -> Iterator[dict[str, tuple[nn.Module, Callable[[nn.Module], Tensor]]
                 x = torch.randn(2, 3, 64, 64)
                 cache[name] = (model.eval(), lambda m: m(x))
             elif name == "minilm":
-                batch = dict(tok(["A fine film.", "The parcel never came."], padding=True, return_tensors="pt"))
+                batch = dict(
+                    tok(["A fine film.", "The parcel never came."], padding=True, return_tensors="pt")
+                )
                 cache[name] = (model.eval(), lambda m: m(**batch).last_hidden_state)
             else:
                 batch = dict(tok(["The weather today is", "Once upon a"], padding=True, return_tensors="pt"))

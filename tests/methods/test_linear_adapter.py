@@ -1,7 +1,7 @@
 """ZeroI2V linear adapters pinned against the spec: ``LA(z) = z + s·(W₂ Dropout(W₁z + b₁) + b₂)``.
 
-In eval mode (dropout off) ``LA(z) = M z + c``, ``M = I + s·W₂W₁``, ``c = s·(W₂b₁ + b₂)``; folded before a Linear
-``(W, b)``: ``W' = W M``, ``b' = W c + b``; after it: ``W' = M W``, ``b' = M b + c``.
+In eval mode (dropout off) ``LA(z) = M z + c``, ``M = I + s·W₂W₁``, ``c = s·(W₂b₁ + b₂)``; folded before
+a Linear ``(W, b)``: ``W' = W M``, ``b' = W c + b``; after it: ``W' = M W``, ``b' = M b + c``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The demo's results table and its self-contained HTML report (inline SVG charts, no plotting library).
+"""Results tables and self-contained HTML reports (inline SVG charts, no plotting library).
+
+``table_rows`` / ``render_html`` / ``write_report`` serve ``shiftkit demo`` (one training domain);
+``suite_table_rows`` / ``render_suite_html`` / ``write_suite_report`` serve the ``shiftkit bench`` suites,
+whose payload holds one run per training domain under ``"runs"``.
 
 Every piece of text that reaches the HTML goes through :func:`html.escape`; files are written atomically.
 
@@ -20,14 +24,21 @@ from shiftkit._fileio import atomic_write_text
 
 __all__ = [
     "accuracy_chart_svg",
+    "format_table",
     "params_chart_svg",
     "render_html",
+    "render_suite_html",
+    "suite_table_rows",
     "table_rows",
     "write_report",
+    "write_suite_report",
 ]
 
-# colour-blind-safe palette (Okabe & Ito)
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+# colour-blind-safe palette (Okabe & Ito), then Paul Tol's muted scheme for suites with more rows
+PALETTE: tuple[str, ...] = (
+    *("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"),
+    *("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255"),
+)
 
 
 def human_count(n: float) -> str:
@@ -99,7 +110,8 @@ def accuracy_chart_svg(payload: dict[str, Any]) -> str:
     flat = [a for row in accs for a in row] or [0.5]
     lo = min(0.5, math.floor(min(flat) * 10) / 10)
     hi = 1.0
-    width, height, left, top, bottom = 720, 340, 56, 40, 290
+    width, left, top, bottom = 720, 56, 40, 290
+    height = 340 + _LEGEND_ROW * (_legend_rows(len(methods), left, width) - 1)
     right = width - 16
     group_w = (right - left) / max(1, len(domains))
     bar_w = group_w * 0.8 / max(1, len(methods))
@@ -133,14 +145,23 @@ def accuracy_chart_svg(payload: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _legend(methods: list[str], x0: float, y: float) -> list[str]:
+_LEGEND_W, _LEGEND_ROW = 110, 18
+
+
+def _legend_rows(n: int, x0: float, width: float) -> int:
+    return max(1, math.ceil(n / max(1, int((width - x0) // _LEGEND_W))))
+
+
+def _legend(methods: list[str], x0: float, y: float, width: float = 720) -> list[str]:
+    per_row = max(1, int((width - x0) // _LEGEND_W))  # wraps onto more rows when the methods do not fit
     parts = []
     for mi, method in enumerate(methods):
-        x = x0 + mi * 110
+        x = x0 + (mi % per_row) * _LEGEND_W
+        yy = y + (mi // per_row) * _LEGEND_ROW
         parts.append(
-            f'<rect x="{x}" y="{y - 10}" width="12" height="12" fill="{PALETTE[mi % len(PALETTE)]}"/>'
+            f'<rect x="{x}" y="{yy - 10}" width="12" height="12" fill="{PALETTE[mi % len(PALETTE)]}"/>'
         )
-        parts.append(_svg_text(x + 16, y, method, font_size=12))
+        parts.append(_svg_text(x + 16, yy, method, font_size=12))
     return parts
 
 
@@ -217,44 +238,156 @@ code, pre { background: #f6f6f6; padding: 0.1em 0.3em; }
 """
 
 
-def render_html(payload: dict[str, Any]) -> str:
-    """The whole report as one HTML string (no external resources)."""
+def _html_table(rows: list[dict[str, str]], columns: list[str]) -> str:
     esc = html.escape
-    rows, columns = table_rows(payload)
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = "\n".join(
         "<tr>" + "".join(f"<td>{esc(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows
     )
-    s = payload["settings"]
-    notes = "".join(
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
+
+
+def _settings_list(methods: list[dict[str, Any]]) -> str:
+    esc = html.escape
+    items = "".join(
         f"<li><b>{esc(r['method'])}</b>: {esc(r.get('notes', ''))}; lr {r['lr']:g}, {r['epochs']} epoch(s), "
         f"batch {r['batch_size']}, {r['steps']} steps</li>"
-        for r in payload["methods"]
+        for r in methods
     )
+    return f"<ul>{items}</ul>"
+
+
+def _footer(payload: dict[str, Any]) -> str:
+    esc = html.escape
     env = payload.get("environment", {})
     t = payload.get("timings", {})
+    return (
+        f'<p class="note">torch {esc(str(env.get("torch", "?")))}, '
+        f"shiftkit {esc(str(env.get('shiftkit', '?')))},"
+        f"\n{esc(str(env.get('threads', '?')))} threads; whole run {t.get('total_seconds', 0.0):.0f} s.</p>"
+    )
+
+
+def _data_sentence(s: dict[str, Any], trained_on: str) -> str:
+    esc = html.escape
+    return (
+        f"<p>Model <code>{esc(str(s['model']))}</code>;\n"
+        f"VADER binary sentiment (|score| &gt; {esc(str(s['threshold']))}),\n"
+        f"trained on <b>{esc(trained_on)}</b> ({esc(str(s['n_train']))} balanced sentences) and tested on\n"
+        f"{esc(str(s['n_test']))} held-out sentences of each domain. Seed {esc(str(s['seed']))}.</p>"
+    )
+
+
+def render_html(payload: dict[str, Any]) -> str:
+    """The whole report as one HTML string (no external resources)."""
+    esc = html.escape
+    s = payload["settings"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(payload["title"])}</title>
 <style>{_CSS}</style></head><body>
 <h1>{esc(payload["title"])}</h1>
-<p>Model <code>{esc(str(s["model"]))}</code>;
-VADER binary sentiment (|score| &gt; {esc(str(s["threshold"]))}),
-trained on <b>{esc(payload["train_domain"])}</b> ({esc(str(s["n_train"]))} balanced sentences) and tested on
-{esc(str(s["n_test"]))} held-out sentences of each domain. Seed {esc(str(s["seed"]))}.</p>
-<table><thead><tr>{head}</tr></thead><tbody>
-{body}
-</tbody></table>
+{_data_sentence(s, payload["train_domain"])}
+{_html_table(*table_rows(payload))}
 <p class="note">“max fold diff”: the shift was saved, loaded onto the base and folded into its weights
 (for full fine-tuning and the probe: their task vector added); the number is the largest absolute
 difference of its logits from the trained model's, on {esc(str(s["fold_check"]))} test sentences.
 “file”: size of the saved shift file.</p>
 {accuracy_chart_svg(payload)}
 {params_chart_svg(payload)}
-<h2>Settings</h2><ul>{notes}</ul>
-<p class="note">torch {esc(str(env.get("torch", "?")))}, shiftkit {esc(str(env.get("shiftkit", "?")))},
-{esc(str(env.get("threads", "?")))} threads; whole run {t.get("total_seconds", 0.0):.0f} s.</p>
+<h2>Settings</h2>{_settings_list(payload["methods"])}
+{_footer(payload)}
 </body></html>
 """
+
+
+def format_table(rows: list[dict[str, str]], columns: list[str]) -> str:
+    """``rows`` as an aligned plain-text table under a header line (for the suites' printed output).
+
+    Example:
+        >>> print(format_table([{"method": "lora", "acc": "0.947"}], ["method", "acc"]))
+        method  acc
+        ------  -----
+        lora    0.947
+    """
+    if not rows:
+        return "(no rows)"
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def suite_table_rows(run: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
+    """One training domain's rows of a suite (``peft-vader``): the demo's columns plus memory and folding.
+
+    Extra columns: ``peak RSS`` (the method's worker process), ``train mem`` (growth of its resident set
+    while training), ``foldable`` and ``max Δ`` (folded, or for a non-foldable method re-attached, from the
+    saved file, against the trained model's logits).
+
+    Example:
+        >>> rows, columns = suite_table_rows(payload["runs"][0])
+        >>> print(format_table(rows, columns))
+    """
+    rows, columns = table_rows(run)
+    columns = [c for c in columns if c != "max fold diff"]
+    columns += ["peak RSS", "train mem", "foldable", "max Δ"]
+    for row, r in zip(rows, run["methods"]):
+        row["peak RSS"] = f"{r['peak_rss_mb']:.0f} MiB" if r.get("peak_rss_mb") is not None else "n/a"
+        row["train mem"] = f"{r['train_mem_mb']:.0f} MiB" if r.get("train_mem_mb") is not None else "n/a"
+        row["foldable"] = "yes" if r.get("foldable") else "no"
+        row["max Δ"] = f"{r['max_fold_diff']:.1e}"
+    return rows, columns
+
+
+def render_suite_html(payload: dict[str, Any]) -> str:
+    """A suite's report: per training domain a table, the skipped/failed methods and the two charts.
+
+    Example:
+        >>> html = render_suite_html(json.loads(Path("runs/peft-vader/results.json").read_text()))
+        >>> html.count("<svg")
+        2
+    """
+    esc = html.escape
+    s = payload["settings"]
+    sections = []
+    for run in payload["runs"]:
+        missing = [f"<li>skipped {esc(x['method'])}: {esc(x['reason'])}</li>" for x in run.get("skipped", [])]
+        missing += [f"<li>FAILED {esc(x['method'])}: {esc(x['error'])}</li>" for x in run.get("failed", [])]
+        charts = f"{accuracy_chart_svg(run)}\n{params_chart_svg(run)}" if run["methods"] else ""
+        sections.append(
+            f"<h2>Trained on {esc(run['train_domain'])}</h2>\n{_data_sentence(s, run['train_domain'])}\n"
+            f"{_html_table(*suite_table_rows(run))}\n<ul>{''.join(missing)}</ul>\n{charts}"
+        )
+    first: list[dict[str, Any]] = next((run["methods"] for run in payload["runs"] if run["methods"]), [])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(payload["title"])}</title>
+<style>{_CSS}</style></head><body>
+<h1>{esc(payload["title"])}</h1>
+{"".join(sections)}
+<p class="note">“max Δ”: the shift was saved, loaded onto the base and folded into its weights (methods that
+cannot be folded: re-attached; full fine-tuning and the probe: their task vector added); the number is the
+largest absolute difference of its logits from the trained model's, on {esc(str(s["fold_check"]))} test
+sentences. “file”: size of the saved shift file. Memory: {esc(str(payload.get("memory", "")))}.</p>
+<h2>Settings</h2>{_settings_list(first)}
+{_footer(payload)}
+</body></html>
+"""
+
+
+def write_suite_report(out_dir: str | os.PathLike[str], payload: dict[str, Any]) -> tuple[Path, Path]:
+    """Write a suite's ``results.json`` and ``report.html`` into ``out_dir`` (each atomically).
+
+    Example:
+        >>> results, report = write_suite_report("runs/peft-vader", payload)
+    """
+    out = Path(out_dir)
+    results, report = out / "results.json", out / "report.html"
+    atomic_write_text(results, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(report, render_suite_html(payload))
+    return results, report
 
 
 def write_report(out_dir: str | os.PathLike[str], payload: dict[str, Any]) -> tuple[Path, Path]:
