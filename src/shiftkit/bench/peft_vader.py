@@ -175,7 +175,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny run for tests: 16 sentences, 1 step")
     size.add_argument("--full", action="store_true", help="bigger run: 1536 train / 1000 test, 3 epochs")
-    parser.add_argument("--methods", nargs="+", metavar="NAME", help="only these rows (default: all)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="only these rows, space- or comma-separated (default: all)",
+    )
     dom = parser.add_mutually_exclusive_group()
     dom.add_argument("--train-domain", default="tweets", choices=DOMAINS, help="domain trained on")
     dom.add_argument("--all-domains", action="store_true", help="train on each of the four domains in turn")
@@ -208,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ShiftkitError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
         settings[key] = settings[key] if value is None else value
-    methods = args.methods or (list(QUICK_METHODS) if args.quick else None)
+    picked = [m for item in args.methods or () for m in item.split(",") if m]
+    methods = picked or (list(QUICK_METHODS) if args.quick else None)
     start = time.perf_counter()
     payload = run_suite(
         settings,
