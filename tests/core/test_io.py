@@ -454,3 +454,8 @@ _SMALL = Shift(
     {"fc.lora_A": torch.ones(1, 2), "fc.lora_B": torch.ones(3, 1)},
     {"fc": (3, 2)},
 )
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(sk.CorruptFileError, match="is a folder"):
+        sk.load(tmp_path)

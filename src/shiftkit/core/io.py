@@ -88,6 +88,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no shift file at {p}")
+    if p.is_dir():
+        raise CorruptFileError(f"{p} is a folder, not a shift file (a PEFT adapter? use sk.import_peft)")
     try:
         with safe_open(str(p), framework="pt") as fh:
             raw = (fh.metadata() or {}).get(META_KEY)
