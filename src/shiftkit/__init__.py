@@ -51,6 +51,9 @@ _API: dict[str, str] = {
     "task_vector": "shiftkit.core.delta",
     "to_delta": "shiftkit.core.delta",
     "apply_": "shiftkit.core.delta",
+    # merging
+    "merge": "shiftkit.merging.api",
+    "list_merge_methods": "shiftkit.merging.registry",
     # errors
     "ShiftkitError": "shiftkit.errors",
     "NotFoldableError": "shiftkit.errors",
@@ -102,6 +105,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TargetNotFoundError,
         UnknownMethodError,
     )
+    from shiftkit.merging.api import merge
+    from shiftkit.merging.registry import list_merge_methods
     from shiftkit.methods._peft import export_peft, import_peft
     from shiftkit.methods.adapter import AdapterConfig
     from shiftkit.methods.bitfit import BitFitConfig

@@ -1,0 +1,203 @@
+"""Per-tensor math shared by the merge methods (private).
+
+Trim to the top-k magnitudes, sign election, disjoint mean, DARE drop-and-rescale and the per-tensor seed.
+Everything works on float32 tensors; callers upcast first (spec §0.4: no magnitude ranking in fp16/bf16).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from shiftkit.errors import ShiftkitError
+
+__all__ = [
+    "CONSENSUS",
+    "dare_keep_mask",
+    "dare_rescale",
+    "elect_sign",
+    "key_seed",
+    "ties_disjoint_merge",
+    "topk_magnitude",
+]
+
+#: TIES reference semantics (spec §1.2): mergekit, the original paper code, peft
+SEMANTICS = ("mergekit", "paper", "peft")
+
+#: sign-election rules: "sum" (peft "total", TIES "mass") or "count" (peft "frequency")
+CONSENSUS = {"sum": "sum", "total": "sum", "count": "count", "frequency": "count"}
+
+
+def topk_magnitude(x: Tensor, density: float) -> Tensor:
+    """Keep exactly ``k = ⌊density·numel⌋`` largest-|x| entries of ``x``, zero the rest.
+
+    Ties are broken by flattened index (stable, spec §0.6 ``"exact_k"``), so results are reproducible;
+    ``density >= 1`` returns ``x`` unchanged and ``k = 0`` returns zeros.
+
+    Args:
+        x: any-shape float tensor.
+        density: fraction of entries to keep, ``>= 0``.
+
+    Returns:
+        Tensor of ``x``'s shape.
+
+    Example:
+        >>> topk_magnitude(torch.tensor([0.5, -0.2, 0.1, 0.0]), 0.5)
+        tensor([ 0.5000, -0.2000,  0.0000,  0.0000])
+    """
+    if density >= 1.0:
+        return x
+    k = int(density * x.numel())
+    if k <= 0:
+        return torch.zeros_like(x)
+    flat = x.reshape(-1)
+    order = torch.argsort(flat.abs(), descending=True, stable=True)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order[:k]] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(x.shape)
+
+
+def elect_sign(stack: Tensor, consensus: str) -> Tensor:
+    """Elected sign per coordinate of a ``(T, ...)`` stack: ``sgn(Σ_t x_t)`` or ``sgn(Σ_t sgn(x_t))``.
+
+    A coordinate whose vote is exactly 0 gets 0 here; callers resolve it (spec §0.7).
+
+    Args:
+        stack: ``(T, *shape)`` float tensor.
+        consensus: ``"sum"`` / ``"total"`` or ``"count"`` / ``"frequency"``.
+
+    Returns:
+        ``shape`` tensor with values in {−1, 0, +1}.
+
+    Example:
+        >>> elect_sign(torch.tensor([[1.0, -2.0], [-3.0, 1.0]]), "sum")
+        tensor([-1., -1.])
+    """
+    rule = CONSENSUS.get(consensus)
+    if rule is None:
+        raise ShiftkitError(f"unknown consensus {consensus!r}; use one of {sorted(CONSENSUS)}")
+    votes = stack.sum(0) if rule == "sum" else torch.sign(stack).sum(0)
+    return torch.sign(votes)
+
+
+def key_seed(seed: int, key: str, index: int) -> int:
+    """A 63-bit seed from ``(seed, tensor name, shift index)`` (spec §0.8: independent of streaming order).
+
+    Example:
+        >>> key_seed(0, "fc.weight", 1) == key_seed(0, "fc.weight", 1)
+        True
+    """
+    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def dare_keep_mask(shape: Sequence[int], density: float, seed: int) -> Tensor:
+    """Bernoulli(``density``) keep-mask of ``shape`` drawn in float32 on CPU from ``seed``.
+
+    Example:
+        >>> m = dare_keep_mask((3, 3), 0.5, key_seed(0, "w", 0))
+        >>> m.dtype
+        torch.bool
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(tuple(shape), generator=gen, dtype=torch.float32) < density
+
+
+def dare_rescale(x: Tensor, keep: Tensor, density: float, rescale: str) -> Tensor:
+    """Drop entries where ``keep`` is False and rescale the rest (spec §1.3).
+
+    ``"inverse"``: ``keep ⊙ x / density`` (the paper's 1/(1−p)); ``"l1"``: ``(keep ⊙ x)·‖x‖₁/‖keep ⊙ x‖₁``
+    (mergekit since 2024; skipped when either norm < 1e-7); ``"none"``: no rescale.
+
+    Args:
+        x: float tensor; keep: bool tensor of the same shape; density: keep probability in (0, 1).
+        rescale: ``"l1"``, ``"inverse"`` or ``"none"``.
+
+    Returns:
+        Tensor of ``x``'s shape.
+
+    Example:
+        >>> dare_rescale(torch.tensor([1.0, -2, 3, -4]), torch.tensor([1, 0, 1, 0]).bool(), 0.5, "l1")
+        tensor([2.5000, 0.0000, 7.5000, 0.0000])
+    """
+    kept = torch.where(keep.to(x.device), x, torch.zeros_like(x))
+    if rescale == "inverse":
+        return kept / density
+    if rescale == "l1":
+        before, after = x.abs().sum(), kept.abs().sum()
+        if before < 1e-7 or after < 1e-7:
+            return kept
+        return kept * (before / after)
+    if rescale == "none":
+        return kept
+    raise ShiftkitError(f"unknown rescale {rescale!r}; use 'l1', 'inverse' or 'none'")
+
+
+def ties_disjoint_merge(
+    pruned: list[dict[str, Tensor]],
+    weights: list[float],
+    *,
+    semantics: str,
+    consensus: str,
+    normalize: bool,
+    zero_sign: str,
+) -> dict[str, Tensor]:
+    """Elect a sign per coordinate and average the agreeing entries of already-pruned shifts (spec §1.2).
+
+    * ``"mergekit"``: vote on the weighted ``u_t = w_t τ̂_t``; ``Σ_t m_t u_t``, divided by ``Σ_t m_t w_t``
+      (zeros → 1) when ``normalize``.
+    * ``"peft"``: vote on the unweighted ``τ̂_t``; ``Σ_t m_t w_t τ̂_t / max(Σ_t m_t, 1)``.
+    * ``"paper"``: vote on ``τ̂_t``; ``Σ_t m_t τ̂_t / max(Σ_t m_t, 1)`` (no weights).
+
+    ``m_t = [τ̂_t ≠ 0 and sgn(u_t) = γ]``. A zero vote becomes +1 (``zero_sign="positive"``) or the sign of
+    the sum of all elected signs over every tensor (``"global_majority"``, the original code).
+
+    Args:
+        pruned: T dicts of float32 tensors (equal keys and shapes).
+        weights: T weights.
+
+    Returns:
+        Merged tensors (before any λ), same keys and shapes.
+
+    Example:
+        >>> p = [{"w": torch.tensor([1.0, -1.0])}, {"w": torch.tensor([-3.0, -1.0])}]
+        >>> ties_disjoint_merge(p, [1, 1], semantics="peft", consensus="sum",
+        ...                     normalize=True, zero_sign="positive")
+        {'w': tensor([-3., -1.])}
+    """
+    if semantics not in SEMANTICS:
+        raise ShiftkitError(f"unknown TIES semantics {semantics!r}; use one of {list(SEMANTICS)}")
+    if zero_sign not in ("positive", "global_majority"):
+        raise ShiftkitError(f"unknown zero_sign {zero_sign!r}; use 'positive' or 'global_majority'")
+    stacks: dict[str, Tensor] = {}
+    gammas: dict[str, Tensor] = {}
+    for k in pruned[0]:
+        stack = torch.stack([p[k] for p in pruned])
+        w = torch.tensor(weights, dtype=stack.dtype, device=stack.device).view(-1, *([1] * (stack.dim() - 1)))
+        voters = stack * w if semantics == "mergekit" else stack
+        stacks[k] = stack
+        gammas[k] = elect_sign(voters, consensus)
+    if zero_sign == "positive":
+        fill = {k: torch.ones((), dtype=g.dtype) for k, g in gammas.items()}
+    else:
+        total = sum((g.sum().double() for g in gammas.values()), torch.zeros((), dtype=torch.float64))
+        fill = {k: torch.sign(total).to(g.dtype) for k, g in gammas.items()}
+    out: dict[str, Tensor] = {}
+    for k, stack in stacks.items():
+        gamma = torch.where(gammas[k] == 0, fill[k].to(stack.device), gammas[k])
+        w = torch.tensor(weights, dtype=stack.dtype, device=stack.device).view(-1, *([1] * (stack.dim() - 1)))
+        u = stack * w if semantics == "mergekit" else stack
+        agree = ((torch.sign(u) == gamma) & (stack != 0)).to(stack.dtype)
+        if semantics == "mergekit":
+            mixed = (agree * u).sum(0)
+            if normalize:
+                div = (agree * w).sum(0)
+                mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
+        else:
+            num = agree * stack * w if semantics == "peft" else agree * stack
+            mixed = num.sum(0) / agree.sum(0).clamp(min=1.0)
+        out[k] = mixed
+    return out

@@ -1,0 +1,130 @@
+"""``sk.merge``: combine several dense shifts (task vectors) into one.
+
+Every method works in shift space: given ``τ_t = θ_t − θ0`` it returns a merged ``τ`` so that
+``θ = θ0 + τ`` (apply it with ``sk.apply_``). Inputs are aligned strictly (spec §0.3, ``on_missing="error"``):
+the same keys, shapes and dtypes in every shift, or :class:`ShiftMismatchError` naming the difference;
+``on_missing="zero"`` treats a missing tensor as an all-zero shift (right for sums and TIES, wrong for
+averages). Arithmetic runs in float32 and the result is cast back to the inputs' dtype (spec §0.4).
+Non-floating tensors carry no shift and are left out (spec §0.2).
+References: task arithmetic https://arxiv.org/abs/2212.04089, TIES https://arxiv.org/abs/2306.01708,
+DARE https://arxiv.org/abs/2311.03099, soups https://arxiv.org/abs/2203.05482.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from shiftkit.core.shift import DELTA, Shift
+from shiftkit.errors import ShiftkitError, ShiftMismatchError
+from shiftkit.merging.registry import MERGE_METHODS
+
+__all__ = ["merge"]
+
+
+def _check_inputs(shifts: Sequence[Shift], on_missing: str) -> list[str]:
+    if isinstance(shifts, Shift) or not isinstance(shifts, Sequence) or not shifts:
+        raise ShiftkitError("merge needs a non-empty list of Shift values")
+    for i, s in enumerate(shifts):
+        if not isinstance(s, Shift):
+            raise ShiftkitError(f"merge input {i} is a {type(s).__name__}, not a Shift")
+        if s.method != DELTA:
+            raise ShiftkitError(
+                f"merge input {i} is a {s.method!r} shift; merging needs dense deltas: "
+                "convert with sk.to_delta first (on a model the shift is attached to)"
+            )
+    if on_missing not in ("error", "zero"):
+        raise ShiftkitError(f"unknown on_missing {on_missing!r}; use 'error' or 'zero'")
+    keys = [k for k, t in shifts[0].tensors.items() if t.is_floating_point()]
+    seen = set(keys)
+    for i, s in enumerate(shifts[1:], start=1):
+        mine = {k for k, t in s.tensors.items() if t.is_floating_point()}
+        if mine != seen and on_missing == "error":
+            raise ShiftMismatchError(
+                f"merge inputs 0 and {i} have different tensors: only in 0 {sorted(seen - mine)[:5]}, "
+                f"only in {i} {sorted(mine - seen)[:5]} (pass on_missing='zero' to treat missing as zero)"
+            )
+        keys += sorted(mine - seen)
+        seen |= mine
+    for k in keys:
+        present = [(i, s.tensors[k]) for i, s in enumerate(shifts) if k in s.tensors]
+        i0, t0 = present[0]
+        for i, t in present[1:]:
+            if t.shape != t0.shape:
+                raise ShiftMismatchError(
+                    f"merge inputs {i0} and {i} differ in shape for {k!r}: "
+                    f"{tuple(t0.shape)} vs {tuple(t.shape)}"
+                )
+            if t.dtype != t0.dtype:
+                raise ShiftMismatchError(
+                    f"merge inputs {i0} and {i} differ in dtype for {k!r}: {t0.dtype} vs {t.dtype}"
+                )
+        for i, t in present:
+            if not bool(torch.isfinite(t).all()):
+                raise ShiftkitError(f"merge input {i} has NaN or Inf in {k!r}")
+    return keys
+
+
+def _check_params(name: str, fn: Any, params: dict[str, Any]) -> None:
+    accepted = [p for p in inspect.signature(fn).parameters if p not in ("tensors", "weights")]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ShiftkitError(f"merge method {name!r} has no parameter(s) {unknown}; it accepts {accepted}")
+
+
+def merge(
+    shifts: Sequence[Shift],
+    method: str = "task_arithmetic",
+    weights: Sequence[float] | None = None,
+    *,
+    on_missing: str = "error",
+    **params: Any,
+) -> Shift:
+    """Merge dense shifts (``Shift(method="delta")``) into one delta with a registered merge method.
+
+    Args:
+        shifts: T delta shifts, tensors keyed by parameter name (each tensor any shape).
+        method: a name from ``sk.list_merge_methods()``: ``"linear"``, ``"task_arithmetic"``, ``"ties"``,
+            ``"dare_linear"``, ``"dare_ties"``, ``"slerp"``.
+        weights: one finite number per shift; default 1.0 each.
+        on_missing: ``"error"`` (default) or ``"zero"`` (a missing tensor counts as an all-zero shift).
+        **params: the method's parameters (``lambda_``, ``density``, ``semantics``, ``seed``, ``t`` ...).
+
+    Returns:
+        A delta Shift with the inputs' floating keys; each tensor has the inputs' shape and dtype.
+
+    Raises:
+        ShiftMismatchError: keys (with ``on_missing="error"``), shapes or dtypes differ between inputs.
+        ShiftkitError: a non-delta input, NaN/Inf, bad weights or an unknown parameter.
+        UnknownMethodError: ``method`` is not registered.
+
+    Example:
+        >>> tv1, tv2 = sk.task_vector(base, ft1), sk.task_vector(base, ft2)
+        >>> merged = sk.merge([tv1, tv2], method="ties", density=0.2)
+        >>> sk.apply_(base, merged)
+    """
+    import shiftkit.merging  # noqa: F401  (registers the built-in methods)
+
+    fn = MERGE_METHODS.get(method)
+    _check_params(method, fn, params)
+    keys = _check_inputs(shifts, on_missing)
+    if weights is None:
+        ws = [1.0] * len(shifts)
+    else:
+        ws = [float(w) for w in weights]
+        if len(ws) != len(shifts):
+            raise ShiftkitError(f"got {len(ws)} weights for {len(shifts)} shifts")
+        if not all(math.isfinite(w) for w in ws):
+            raise ShiftkitError(f"merge weights must be finite, got {ws}")
+    ref = {k: next(s.tensors[k] for s in shifts if k in s.tensors) for k in keys}
+    tensors = [
+        {k: (s.tensors[k] if k in s.tensors else torch.zeros_like(ref[k])).to(torch.float32) for k in keys}
+        for s in shifts
+    ]
+    out = fn(tensors, ws, **params)
+    merged = {k: out[k].to(ref[k].dtype) for k in keys}
+    return Shift(DELTA, None, merged, {k: tuple(v.shape) for k, v in merged.items()})
