@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftkit._fileio import atomic_write_text
+from shiftkit._text import format_table
 
 __all__ = [
     "accuracy_chart_svg",
@@ -298,26 +299,6 @@ difference of its logits from the trained model's, on {esc(str(s["fold_check"]))
 {_footer(payload)}
 </body></html>
 """
-
-
-def format_table(rows: list[dict[str, str]], columns: list[str]) -> str:
-    """``rows`` as an aligned plain-text table under a header line (for the suites' printed output).
-
-    Example:
-        >>> print(format_table([{"method": "lora", "acc": "0.947"}], ["method", "acc"]))
-        method  acc
-        ------  -----
-        lora    0.947
-    """
-    if not rows:
-        return "(no rows)"
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
-        "  ".join("-" * w for w in widths),
-    ]
-    lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
 
 
 def suite_table_rows(run: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
