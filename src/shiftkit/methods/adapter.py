@@ -151,7 +151,6 @@ class AdapterLinear(ShiftWrapper):
             _trunc_normal_(self.up_weight, config.init_std)
         else:  # up stays zero: the branch outputs exactly 0 at init
             kaiming_uniform_a_sqrt5_(self.down_weight)
-        self.train(base.training)  # a new module starts in train mode; follow the base
 
     def adapter(self, z: Tensor) -> Tensor:
         """The branch ``s · (W_up f(W_down z + b_d) + b_u)``: ``z (..., d) -> (..., out)``."""

@@ -167,8 +167,6 @@ class LinearAdapterLinear(ShiftWrapper):
             tmp = torch.empty(h, width, dtype=torch.float32, device=w.device)
             nn.init.trunc_normal_(tmp, std=0.02)
             self.w1.copy_(tmp)
-        # a new module starts in train mode; follow the base so an eval-mode model gets no dropout
-        self.train(base.training)
 
     def adapter(self, z: Tensor) -> Tensor:
         """``LA(z) = z + s·(W₂ Dropout(W₁z + b₁) + b₂)``: ``z (..., D) -> (..., D)``."""
