@@ -36,9 +36,14 @@ B = torch.full((3, 3), 3.0)
 
 def test_registry_lists_methods() -> None:
     assert sk.list_merge_methods() == [
+        "atlas",
+        "breadcrumbs",
+        "breadcrumbs_ties",
         "dare_linear",
         "dare_ties",
         "linear",
+        "model_stock",
+        "pcb",
         "slerp",
         "task_arithmetic",
         "ties",
@@ -106,9 +111,13 @@ def test_ties_paper_trim_is_global_over_keys() -> None:
     out = sk.merge([delta(a=[4.0, 1.0], b=[3.0, 2.0])], method="ties", density=0.25, semantics="paper")
     close(out, "a", [4.0, 0.0])
     close(out, "b", [3.0, 0.0])
-    # mergekit trims per tensor: ⌊0.25·2⌋ = 0 entries kept per tensor
+    # mergekit trims per tensor: ⌊0.25·2⌋ = 0, raised to its minimum of 1 entry per tensor
     mk = sk.merge([delta(a=[4.0, 1.0], b=[3.0, 2.0])], method="ties", density=0.25)
-    close(mk, "a", [0.0, 0.0])
+    close(mk, "a", [4.0, 0.0])
+    close(mk, "b", [3.0, 0.0])
+    # peft trims per tensor to exactly ⌊0.25·2⌋ = 0 entries
+    pf = sk.merge([delta(a=[4.0, 1.0], b=[3.0, 2.0])], method="ties", density=0.25, semantics="peft")
+    close(pf, "a", [0.0, 0.0])
 
 
 def test_ties_paper_rejects_weights() -> None:

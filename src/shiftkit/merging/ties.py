@@ -12,6 +12,11 @@ Three reference semantics, picked with ``semantics=``:
 * ``"paper"``: trim per task over the whole flattened shift (sorted keys), keeping ``|τ| ≥`` the
   ``(d − ⌊d·density⌋)``-th smallest magnitude (``⌊d·density⌋+1`` entries plus ties, as the original code);
   zero votes take the global majority sign; no per-task weights.
+
+Streaming (``semantics="paper"``): :func:`ties_plan` finds each task's global threshold with the exact
+streaming order statistic of :mod:`shiftkit.merging._kth` (4 passes), then, for ``zero_sign=
+"global_majority"``, one more pass sums the elected signs over the whole model; the apply step is
+tensor-local. Its output equals the in-memory merge bit for bit.
 """
 
 from __future__ import annotations
@@ -20,10 +25,23 @@ import torch
 from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging._ops import SEMANTICS, ties_disjoint_merge, topk_magnitude
+from shiftkit.merging._kth import OrderStatistics
+from shiftkit.merging._ops import (
+    SEMANTICS,
+    elected_sign_sum,
+    kth_smallest,
+    ties_disjoint_merge,
+    topk_magnitude,
+)
+from shiftkit.merging.plan import register_plan
 from shiftkit.merging.registry import register_merge
 
-__all__ = ["paper_trim", "ties"]
+__all__ = ["TiesPaperPlan", "paper_trim", "ties", "ties_plan"]
+
+
+def _paper_rank(d: int, density: float) -> int:
+    """0-based ascending rank of the paper's threshold: the ``(d − ⌊d·K⌋)``-th smallest ``|τ|``."""
+    return max(d - int(d * density), 1) - 1
 
 
 def paper_trim(task: dict[str, Tensor], density: float) -> dict[str, Tensor]:
@@ -46,7 +64,7 @@ def paper_trim(task: dict[str, Tensor], density: float) -> dict[str, Tensor]:
     d = flat.numel()
     if d == 0:
         return dict(task)
-    thr = torch.kthvalue(flat.cpu(), d - int(d * density)).values
+    thr = kth_smallest(flat.cpu(), _paper_rank(d, density))
     return {k: torch.where(t.abs() >= thr.to(t.device), t, torch.zeros_like(t)) for k, t in task.items()}
 
 
@@ -93,10 +111,120 @@ def ties(
             raise ShiftkitError("TIES semantics='paper' has no per-task weights; use lambda_ or 'mergekit'")
         pruned = [paper_trim(t, density) for t in tensors]
     else:
-        pruned = [{k: topk_magnitude(v, density) for k, v in t.items()} for t in tensors]
+        least = 1 if semantics == "mergekit" else 0  # mergekit keeps >= 1 entry per tensor; peft may keep 0
+        pruned = [{k: topk_magnitude(v, density, least) for k, v in t.items()} for t in tensors]
     if zero_sign is None:
         zero_sign = "global_majority" if semantics == "paper" else "positive"
     mixed = ties_disjoint_merge(
         pruned, weights, semantics=semantics, consensus=consensus, normalize=normalize, zero_sign=zero_sign
     )
     return {k: v * lambda_ for k, v in mixed.items()}
+
+
+class TiesPaperPlan:
+    """Streaming plan of ``ties(semantics="paper")`` (see :mod:`shiftkit.merging.plan`).
+
+    Passes 0–3: per-task exact global threshold of ``|τ_t|`` (:class:`OrderStatistics`); pass 4 (only
+    with ``zero_sign="global_majority"``): ``Σ_p γ_p`` over the whole model; apply: trim with ``≥ thr_t``,
+    elect, disjoint mean, ``× λ``.
+
+    Args:
+        n_tasks: number of shifts T.
+        density: kept fraction K; ``lambda_``, ``consensus``, ``zero_sign`` as in :func:`ties`.
+
+    Example:
+        >>> plan = MERGE_PLANS["ties"]([1.0, 1.0], semantics="paper", density=0.2)
+        >>> out = run_plan_in_memory(plan, [tv1.tensors, tv2.tensors], [1.0, 1.0])
+        >>> plan.n_passes
+        5
+    """
+
+    def __init__(
+        self, n_tasks: int, *, density: float, lambda_: float, consensus: str, zero_sign: str
+    ) -> None:
+        self.density = density
+        self.lambda_ = lambda_
+        self.consensus = consensus
+        self.zero_sign = zero_sign
+        self.stats = OrderStatistics(n_tasks, lambda d: [_paper_rank(d, density)])
+        self.n_passes = self.stats.n_passes + (1 if zero_sign == "global_majority" else 0)
+        self.total = torch.zeros((), dtype=torch.float64)
+
+    def _trim(self, tensors: list[Tensor]) -> list[Tensor]:
+        if self.density >= 1.0:
+            return list(tensors)
+        out = []
+        for t, x in enumerate(tensors):
+            thr = self.stats.value(t, 0).to(x.device)
+            out.append(torch.where(x.abs() >= thr, x, torch.zeros_like(x)))
+        return out
+
+    def observe(self, pass_index: int, key: str, tensors: list[Tensor], weights: list[float]) -> None:
+        """Pass < 4: feed ``|τ_t|`` to the threshold search; pass 4: add this tensor's elected signs."""
+        if pass_index < self.stats.n_passes:
+            if self.density < 1.0:
+                for t, x in enumerate(tensors):
+                    self.stats.observe(pass_index, t, x.abs())
+            return
+        stack = torch.stack(self._trim(tensors))
+        self.total = self.total + elected_sign_sum(
+            stack, weights, semantics="paper", consensus=self.consensus
+        )
+
+    def end_pass(self, pass_index: int) -> None:
+        """Resolve the thresholds (passes 0–3)."""
+        if pass_index < self.stats.n_passes and self.density < 1.0:
+            self.stats.end_pass(pass_index)
+
+    def apply(self, key: str, tensors: list[Tensor], weights: list[float]) -> Tensor:
+        """Merged tensor ``key``."""
+        pruned = [{key: x} for x in self._trim(tensors)]
+        sign = float(torch.sign(self.total)) if self.zero_sign == "global_majority" else None
+        mixed = ties_disjoint_merge(
+            pruned,
+            weights,
+            semantics="paper",
+            consensus=self.consensus,
+            normalize=True,
+            zero_sign=self.zero_sign,
+            global_sign=sign,
+        )
+        return mixed[key] * self.lambda_
+
+
+@register_plan("ties")
+def ties_plan(
+    weights: list[float],
+    *,
+    density: float = 0.2,
+    semantics: str = "mergekit",
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    normalize: bool = True,
+    zero_sign: str | None = None,
+) -> TiesPaperPlan | None:
+    """Streaming plan for :func:`ties`: a :class:`TiesPaperPlan` for ``semantics="paper"``, else None.
+
+    Args:
+        weights: T weights (all 1 for ``"paper"``); the other arguments as :func:`ties`.
+
+    Returns:
+        The plan, or None when the merge is tensor-local (``"mergekit"``, ``"peft"``).
+
+    Example:
+        >>> ties_plan([1.0, 1.0], semantics="mergekit") is None
+        True
+        >>> plan = ties_plan([1.0, 1.0], semantics="paper", density=0.2)
+    """
+    if semantics not in SEMANTICS:
+        raise ShiftkitError(f"unknown TIES semantics {semantics!r}; use one of {list(SEMANTICS)}")
+    if semantics != "paper":
+        return None
+    if density < 0:
+        raise ShiftkitError(f"TIES density must be >= 0, got {density}")
+    if any(w != 1.0 for w in weights):
+        raise ShiftkitError("TIES semantics='paper' has no per-task weights; use lambda_ or 'mergekit'")
+    zs = zero_sign or "global_majority"
+    if zs not in ("positive", "global_majority"):
+        raise ShiftkitError(f"unknown zero_sign {zs!r}; use 'positive' or 'global_majority'")
+    return TiesPaperPlan(len(weights), density=density, lambda_=lambda_, consensus=consensus, zero_sign=zs)
