@@ -1,10 +1,18 @@
 """``sk.merge``: combine several dense shifts (task vectors) into one.
 
 Every method works in shift space: given ``τ_t = θ_t − θ0`` it returns a merged ``τ`` so that
-``θ = θ0 + τ`` (apply it with ``sk.apply_``). Inputs are aligned strictly (spec §0.3, ``on_missing="error"``):
-the same keys, shapes and dtypes in every shift, or :class:`ShiftMismatchError` naming the difference;
-``on_missing="zero"`` treats a missing tensor as an all-zero shift (right for sums and TIES, wrong for
-averages). Arithmetic runs in float32 and the result is cast back to the inputs' dtype (spec §0.4).
+``θ = θ0 + τ`` (apply it with ``sk.apply_``). LoRA shifts are turned into their exact dense ``ΔW = s·B A``
+first (:func:`shiftkit.merging.lowrank.lora_to_delta`); other methods must be converted with ``sk.to_delta``.
+Inputs are aligned per spec §0.3 (``on_missing=``):
+
+* ``"error"`` (default): the same keys, shapes and dtypes in every shift, or :class:`ShiftMismatchError`;
+* ``"zero"``: a missing tensor is an all-zero shift (right for sums and TIES, wrong for averages);
+* ``"skip"``: a shift without a tensor does not take part in that tensor's merge: the method runs once per
+  group of keys with the same participating shifts, on their tensors and weights only, so every normaliser
+  (``Σ w``, counts) covers the participants only — a soup of two where one lacks ``k`` gives the other's
+  ``k``. Methods needing whole-model statistics (paper-TIES, PCB) refuse ``"skip"`` when groups differ.
+
+Arithmetic runs in float32 and the result is cast back to the inputs' dtype (spec §0.4).
 Non-floating tensors carry no shift and are left out (spec §0.2).
 References: task arithmetic https://arxiv.org/abs/2212.04089, TIES https://arxiv.org/abs/2306.01708,
 DARE https://arxiv.org/abs/2311.03099, soups https://arxiv.org/abs/2203.05482.
@@ -21,24 +29,38 @@ import torch
 
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
+from shiftkit.merging.lowrank import lora_to_delta
+from shiftkit.merging.plan import MERGE_PLANS
 from shiftkit.merging.registry import MERGE_METHODS
 
 __all__ = ["merge"]
 
 
-def _check_inputs(shifts: Sequence[Shift], on_missing: str) -> list[str]:
+_ON_MISSING = ("error", "zero", "skip")
+
+
+def _as_deltas(shifts: Sequence[Shift]) -> list[Shift]:
+    """The inputs as dense deltas: LoRA shifts converted exactly, other methods refused."""
     if isinstance(shifts, Shift) or not isinstance(shifts, Sequence) or not shifts:
         raise ShiftkitError("merge needs a non-empty list of Shift values")
+    out = []
     for i, s in enumerate(shifts):
         if not isinstance(s, Shift):
             raise ShiftkitError(f"merge input {i} is a {type(s).__name__}, not a Shift")
-        if s.method != DELTA:
+        if s.method == "lora":
+            s = lora_to_delta(s)
+        elif s.method != DELTA:
             raise ShiftkitError(
-                f"merge input {i} is a {s.method!r} shift; merging needs dense deltas: "
+                f"merge input {i} is a {s.method!r} shift; merging needs dense deltas (or LoRA shifts): "
                 "convert with sk.to_delta first (on a model the shift is attached to)"
             )
-    if on_missing not in ("error", "zero"):
-        raise ShiftkitError(f"unknown on_missing {on_missing!r}; use 'error' or 'zero'")
+        out.append(s)
+    return out
+
+
+def _check_inputs(shifts: Sequence[Shift], on_missing: str) -> list[str]:
+    if on_missing not in _ON_MISSING:
+        raise ShiftkitError(f"unknown on_missing {on_missing!r}; use one of {list(_ON_MISSING)}")
     keys = [k for k, t in shifts[0].tensors.items() if t.is_floating_point()]
     seen = set(keys)
     for i, s in enumerate(shifts[1:], start=1):
@@ -46,7 +68,8 @@ def _check_inputs(shifts: Sequence[Shift], on_missing: str) -> list[str]:
         if mine != seen and on_missing == "error":
             raise ShiftMismatchError(
                 f"merge inputs 0 and {i} have different tensors: only in 0 {sorted(seen - mine)[:5]}, "
-                f"only in {i} {sorted(mine - seen)[:5]} (pass on_missing='zero' to treat missing as zero)"
+                f"only in {i} {sorted(mine - seen)[:5]} (on_missing='zero' treats missing as zero, "
+                "'skip' merges each tensor over the shifts that have it)"
             )
         keys += sorted(mine - seen)
         seen |= mine
@@ -69,6 +92,34 @@ def _check_inputs(shifts: Sequence[Shift], on_missing: str) -> list[str]:
     return keys
 
 
+def _tensor_local(method: str, weights: list[float], params: dict[str, Any]) -> bool:
+    """True if merged tensor ``k`` depends on the inputs' tensors ``k`` only (spec §0.5)."""
+    factory = MERGE_PLANS.get(method)
+    if factory is not None:
+        return factory(list(weights), **params) is None
+    # built-in global options whose streaming plan may not be registered: whole-model trim / majority sign
+    return params.get("semantics") != "paper" and params.get("zero_sign") != "global_majority"
+
+
+def _merge_skip(
+    fn: Any, shifts: list[Shift], keys: list[str], ws: list[float], method: str, params: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Run ``fn`` once per group of keys with the same participating shifts, on those shifts only."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for k in keys:
+        groups.setdefault(tuple(i for i, s in enumerate(shifts) if k in s.tensors), []).append(k)
+    if len(groups) > 1 and not _tensor_local(method, ws, params):
+        raise ShiftkitError(
+            f"on_missing='skip' needs a tensor-local method; {method!r} with {params} uses whole-model "
+            "statistics, which differ between the groups of shifts: use on_missing='zero'"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for idx, group in groups.items():
+        tensors = [{k: shifts[i].tensors[k].to(torch.float32) for k in group} for i in idx]
+        out.update(fn(tensors, [ws[i] for i in idx], **params))
+    return out
+
+
 def _check_params(name: str, fn: Any, params: dict[str, Any]) -> None:
     accepted = [p for p in inspect.signature(fn).parameters if p not in ("tensors", "weights")]
     unknown = sorted(set(params) - set(accepted))
@@ -84,14 +135,16 @@ def merge(
     on_missing: str = "error",
     **params: Any,
 ) -> Shift:
-    """Merge dense shifts (``Shift(method="delta")``) into one delta with a registered merge method.
+    """Merge dense shifts (``Shift(method="delta")``) or LoRA shifts into one delta with a merge method.
 
     Args:
-        shifts: T delta shifts, tensors keyed by parameter name (each tensor any shape).
+        shifts: T delta shifts, tensors keyed by parameter name (each tensor any shape), or LoRA shifts
+            (turned into their exact dense ``ΔW`` first; see :func:`merge_lora` for factored results).
         method: a name from ``sk.list_merge_methods()``: ``"linear"``, ``"task_arithmetic"``, ``"ties"``,
             ``"dare_linear"``, ``"dare_ties"``, ``"slerp"``.
         weights: one finite number per shift; default 1.0 each.
-        on_missing: ``"error"`` (default) or ``"zero"`` (a missing tensor counts as an all-zero shift).
+        on_missing: ``"error"`` (default), ``"zero"`` (a missing tensor counts as an all-zero shift) or
+            ``"skip"`` (a shift without the tensor does not take part in its merge; see module docstring).
         **params: the method's parameters (``lambda_``, ``density``, ``semantics``, ``seed``, ``t`` ...).
 
     Returns:
@@ -99,7 +152,7 @@ def merge(
 
     Raises:
         ShiftMismatchError: keys (with ``on_missing="error"``), shapes or dtypes differ between inputs.
-        ShiftkitError: a non-delta input, NaN/Inf, bad weights or an unknown parameter.
+        ShiftkitError: a non-delta, non-LoRA input, NaN/Inf, bad weights or an unknown parameter.
         UnknownMethodError: ``method`` is not registered.
 
     Example:
@@ -111,7 +164,8 @@ def merge(
 
     fn = MERGE_METHODS.get(method)
     _check_params(method, fn, params)
-    keys = _check_inputs(shifts, on_missing)
+    deltas = _as_deltas(shifts)
+    keys = _check_inputs(deltas, on_missing)
     if weights is None:
         ws = [1.0] * len(shifts)
     else:
@@ -120,11 +174,17 @@ def merge(
             raise ShiftkitError(f"got {len(ws)} weights for {len(shifts)} shifts")
         if not all(math.isfinite(w) for w in ws):
             raise ShiftkitError(f"merge weights must be finite, got {ws}")
-    ref = {k: next(s.tensors[k] for s in shifts if k in s.tensors) for k in keys}
-    tensors = [
-        {k: (s.tensors[k] if k in s.tensors else torch.zeros_like(ref[k])).to(torch.float32) for k in keys}
-        for s in shifts
-    ]
-    out = fn(tensors, ws, **params)
+    ref = {k: next(s.tensors[k] for s in deltas if k in s.tensors) for k in keys}
+    if on_missing == "skip":
+        out = _merge_skip(fn, deltas, keys, ws, method, params)
+    else:
+        tensors = [
+            {
+                k: (s.tensors[k] if k in s.tensors else torch.zeros_like(ref[k])).to(torch.float32)
+                for k in keys
+            }
+            for s in deltas
+        ]
+        out = fn(tensors, ws, **params)
     merged = {k: out[k].to(ref[k].dtype) for k in keys}
     return Shift(DELTA, None, merged, {k: tuple(v.shape) for k, v in merged.items()})
