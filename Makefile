@@ -53,6 +53,8 @@ bench: assets
 	$(BIN)/python benchmarks/peft_lora_step.py
 	$(BIN)/python benchmarks/peft_ia3_step.py
 	$(BIN)/python benchmarks/fold_latency.py
+	$(BIN)/python benchmarks/merge_ties.py
+	$(BIN)/python benchmarks/merge_lora_exact.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache runs
