@@ -54,6 +54,19 @@ _API: dict[str, str] = {
     # merging
     "merge": "shiftkit.merging.api",
     "list_merge_methods": "shiftkit.merging.registry",
+    "merge_recipe": "shiftkit.merging.streaming",
+    "MergeSummary": "shiftkit.merging.streaming",
+    "merge_lora": "shiftkit.merging.lowrank",
+    "lora_to_delta": "shiftkit.merging.lowrank",
+    "LoraMergeResult": "shiftkit.merging.lowrank",
+    "learn_atlas": "shiftkit.merging.atlas",
+    "AtlasResult": "shiftkit.merging.atlas",
+    "ShiftPool": "shiftkit.merging.pool",
+    "KeyQueryRouter": "shiftkit.merging.routers",
+    "LearnedRouter": "shiftkit.merging.routers",
+    "attach_router_": "shiftkit.merging.routing",
+    "detach_router_": "shiftkit.merging.routing",
+    "train_router": "shiftkit.merging.routing",
     # errors
     "ShiftkitError": "shiftkit.errors",
     "NotFoldableError": "shiftkit.errors",
@@ -106,7 +119,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         UnknownMethodError,
     )
     from shiftkit.merging.api import merge
+    from shiftkit.merging.atlas import AtlasResult, learn_atlas
+    from shiftkit.merging.lowrank import LoraMergeResult, lora_to_delta, merge_lora
+    from shiftkit.merging.pool import ShiftPool
     from shiftkit.merging.registry import list_merge_methods
+    from shiftkit.merging.routers import KeyQueryRouter, LearnedRouter
+    from shiftkit.merging.routing import attach_router_, detach_router_, train_router
+    from shiftkit.merging.streaming import MergeSummary, merge_recipe
     from shiftkit.methods._peft import export_peft, import_peft
     from shiftkit.methods.adapter import AdapterConfig
     from shiftkit.methods.bitfit import BitFitConfig

@@ -7,8 +7,50 @@
 
 from __future__ import annotations
 
-from shiftkit.merging import dare, linear, slerp, task_arithmetic, ties  # noqa: F401  (register methods)
+from shiftkit.merging import atlas, breadcrumbs, dare, linear, model_stock, pcb, slerp, task_arithmetic, ties  # noqa: F401  (register methods)
 from shiftkit.merging.api import merge
+from shiftkit.merging.lowrank import LoraMergeResult, lora_to_delta, merge_lora
+from shiftkit.merging.pool import ShiftPool
+from shiftkit.merging.queries import hf_mean_pool_query
 from shiftkit.merging.registry import MERGE_METHODS, list_merge_methods, register_merge
+from shiftkit.merging.routers import (
+    ConstantRouter,
+    KeyQueryRouter,
+    LearnedRouter,
+    Router,
+    fedins_key_loss,
+)
+from shiftkit.merging.routing import (
+    attach_router_,
+    compute_queries,
+    detach_router_,
+    extract_pool,
+    routing_weights,
+    train_router,
+)
+from shiftkit.merging.streaming import MergeSummary, merge_recipe
 
-__all__ = ["MERGE_METHODS", "list_merge_methods", "merge", "register_merge"]
+__all__ = [
+    "MERGE_METHODS",
+    "ConstantRouter",
+    "KeyQueryRouter",
+    "LearnedRouter",
+    "LoraMergeResult",
+    "MergeSummary",
+    "Router",
+    "ShiftPool",
+    "attach_router_",
+    "compute_queries",
+    "detach_router_",
+    "extract_pool",
+    "fedins_key_loss",
+    "hf_mean_pool_query",
+    "list_merge_methods",
+    "lora_to_delta",
+    "merge",
+    "merge_lora",
+    "merge_recipe",
+    "register_merge",
+    "routing_weights",
+    "train_router",
+]
