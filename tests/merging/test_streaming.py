@@ -449,3 +449,13 @@ def test_nan_input_is_an_error(fp32: tuple[Path, dict[str, Any]], tmp_path: Path
     with pytest.raises(ShiftkitError, match=r"bad\.safetensors.*model\.norm\.weight.*NaN"):
         merge_recipe(recipe, tmp_path / "out", progress=False)
     assert sorted(os.listdir(tmp_path)) == ["bad.safetensors", "r.yaml"]
+
+
+def test_shard_size_override_is_recorded(fp32: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    root, _ = fp32
+    out = tmp_path / "out"
+    merge_recipe(_ta_recipe(root, tmp_path), out, progress=False, max_shard_size="30KB")
+    saved = yaml.safe_load((out / "shiftkit_merge.yaml").read_text())
+    assert saved["shiftkit"]["max_shard_size"] == 30_000
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from contextlib import ExitStack, closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +239,9 @@ def merge_recipe(
     as_shift = out_path.suffix == ".safetensors"
     if (out_path.exists() or out_path.is_symlink()) and not force and not dry_run:
         raise ShiftkitError(f"{out_path} already exists; pass force=True (--force) to replace it")
-    shard_size = parse_size(max_shard_size) if max_shard_size is not None else r.max_shard_size
+    if max_shard_size is not None:  # the override is what the saved resolved recipe records
+        r = replace(r, max_shard_size=parse_size(max_shard_size))
+    shard_size = r.max_shard_size
     fn = MERGE_METHODS.get(r.method)
     plan = _plan_for(r)
     with ExitStack() as stack:
