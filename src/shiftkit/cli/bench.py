@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "peft-vader": "shiftkit.bench.peft_vader",
     "recursive": "shiftkit.bench.recursive",
     "intrinsic-dim": "shiftkit.bench.intrinsic_dim",
+    "merge-vader": "shiftkit.bench.merge_vader",
 }
 
 #: one line per suite for ``--help`` and ``list`` (kept here so listing imports nothing)
@@ -26,6 +27,7 @@ SUMMARIES: dict[str, str] = {
     "peft-vader": "every learnable method, full fine-tuning, a probe: MiniLM on VADER in and across domains",
     "recursive": "relaxed recursive transformers: layer tying + depth-wise LoRA",
     "intrinsic-dim": "intrinsic dimension: accuracy of training in random subspaces of growing size",
+    "merge-vader": "per-domain MiniLM task vectors (full, LoRA) merged by every method, and routed",
 }
 
 DESCRIPTION = (
