@@ -151,6 +151,22 @@ def test_top_k_averages_the_selected_members() -> None:
     torch.testing.assert_close(alpha, torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.5, 0.5]]))
 
 
+@pytest.mark.parametrize("case", ["lora-mlp", "ssf-cnn"])
+def test_top_all_with_scale_is_task_arithmetic(case: str) -> None:
+    # α_j = scale/k on every member (k = N): the static merge with λ = scale/N for every member
+    name, config = CASES[case]
+    pool = pool_of(name, config)
+    model, x = make(name)
+    router = KeyQueryRouter(
+        pool.names(), dim=4, top_k=3, scale=2.0, query_fn=lambda m, inp: torch.ones(len(inp), 4)
+    )
+    attach_router_(model, pool, router)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), static_merge(name, pool, [2 / 3] * 3)(x), atol=1e-5, rtol=0)
+    with pytest.raises(ShiftkitError, match="scale"):
+        KeyQueryRouter(3, dim=4, scale=float("nan"))
+
+
 def test_fedins_key_loss_by_hand() -> None:
     # q = (1, 0); cos to the keys = 1, 0, 1/√2; top-2 sum 1 + 1/√2 → loss = −1/√2
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)

@@ -18,6 +18,7 @@ Query functions (``hf_mean_pool_query``, ``default_query``) live in :mod:`shiftk
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -144,7 +145,7 @@ def fedins_key_loss(query: Tensor, keys: Tensor, top_k: int = 1) -> Tensor:
 
 
 class KeyQueryRouter(Router):
-    """FedIns routing: the top-k keys by cosine similarity to the query, averaged (``α_j = 1/k``).
+    """FedIns routing: the top-k keys by cosine similarity to the query, averaged (``α_j = scale/k``).
 
     Args:
         members: the pool's member names (or their number).
@@ -154,6 +155,8 @@ class KeyQueryRouter(Router):
             uses k=3 of N=25 learned, non-domain-aligned members, i.e. ~12% of the pool — ⌈0.12·N⌉ = 1 for
             N ≤ 8).
         keys: ``(N, D)`` initial keys; default: truncated normal, std 0.02 (FedIns' init).
+        scale: total weight of the selected members (default 1: their average, as FedIns). Like λ in task
+            arithmetic; ``top_k=N, scale=c`` is exactly task arithmetic with ``λ = c/N`` on LoRA/SSF pools.
         mu: weight μ of :func:`fedins_key_loss` in :meth:`aux_loss` (FedIns: 0.1).
         query_fn: see :class:`Router`.
 
@@ -170,13 +173,17 @@ class KeyQueryRouter(Router):
         *,
         top_k: int = 1,
         keys: Tensor | None = None,
+        scale: float = 1.0,
         mu: float = 0.1,
         query_fn: QueryFn | None = None,
     ) -> None:
         super().__init__(members, query_fn)
         if not 1 <= top_k <= self.num_members:
             raise ShiftkitError(f"top_k must be in [1, {self.num_members}], got {top_k}")
+        if not math.isfinite(scale):
+            raise ShiftkitError(f"scale must be finite, got {scale}")
         self.top_k = top_k
+        self.scale = float(scale)
         self.mu = float(mu)
         if keys is None:
             keys = nn.init.trunc_normal_(torch.empty(self.num_members, dim), std=0.02)
@@ -189,10 +196,10 @@ class KeyQueryRouter(Router):
         return F.normalize(query.to(self.keys.dtype), dim=-1) @ F.normalize(self.keys, dim=-1).T
 
     def forward(self, query: Tensor) -> Tensor:
-        """``query (B, D) -> α (B, N)``: ``1/k`` on each sample's top-k keys, 0 elsewhere (no gradient)."""
+        """``query (B, D) -> α (B, N)``: ``scale/k`` on each sample's top-k keys, else 0 (no gradient)."""
         idx = self.similarity(query).topk(self.top_k, dim=-1).indices
         alpha = torch.zeros(query.shape[0], self.num_members, device=query.device)
-        return alpha.scatter_(1, idx, 1.0 / self.top_k)
+        return alpha.scatter_(1, idx, self.scale / self.top_k)
 
     @torch.no_grad()
     def fit_keys(self, pool_queries: Mapping[str, Tensor] | Sequence[Tensor]) -> KeyQueryRouter:
