@@ -1,8 +1,13 @@
-"""shiftkit.merging: combine dense shifts (task vectors) into one (see DESIGN.md section 2).
+"""shiftkit.merging: combine shifts into one, or route between them (see DESIGN.md section 2).
 
-``sk.merge(shifts, method=..., weights=..., **params)`` with methods ``linear`` (soups),
-``task_arithmetic``, ``ties`` (mergekit / paper / peft semantics), ``dare_linear``, ``dare_ties`` and
-``slerp``; ``sk.list_merge_methods()`` lists them and ``register_merge`` adds more.
+* ``sk.merge(shifts, method=..., weights=..., **params)``: one file per method — ``linear`` (soups),
+  ``task_arithmetic``, ``ties`` (mergekit / paper / peft semantics), ``dare_linear``, ``dare_ties``,
+  ``slerp``, ``breadcrumbs``, ``breadcrumbs_ties``, ``model_stock``, ``pcb``, ``atlas``;
+  ``sk.list_merge_methods()`` lists them and ``register_merge`` adds more. LoRA shifts merge exactly in
+  ΔW space; ``sk.merge_lora`` returns a LoRA again (:mod:`~shiftkit.merging.lowrank`).
+* ``sk.learn_atlas``: learned block-wise coefficients (:mod:`~shiftkit.merging.atlas`).
+* ``sk.merge_recipe`` / ``shiftkit merge``: streaming checkpoint merges (:mod:`~shiftkit.merging.streaming`).
+* ``sk.ShiftPool`` and per-sample routers (:mod:`~shiftkit.merging.routing`).
 """
 
 from __future__ import annotations

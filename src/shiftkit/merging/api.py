@@ -141,7 +141,8 @@ def merge(
         shifts: T delta shifts, tensors keyed by parameter name (each tensor any shape), or LoRA shifts
             (turned into their exact dense ``ΔW`` first; see :func:`merge_lora` for factored results).
         method: a name from ``sk.list_merge_methods()``: ``"linear"``, ``"task_arithmetic"``, ``"ties"``,
-            ``"dare_linear"``, ``"dare_ties"``, ``"slerp"``.
+            ``"dare_linear"``, ``"dare_ties"``, ``"slerp"``, ``"breadcrumbs"``, ``"breadcrumbs_ties"``,
+            ``"model_stock"``, ``"pcb"``, ``"atlas"``.
         weights: one finite number per shift; default 1.0 each.
         on_missing: ``"error"`` (default), ``"zero"`` (a missing tensor counts as an all-zero shift) or
             ``"skip"`` (a shift without the tensor does not take part in its merge; see module docstring).

@@ -42,7 +42,8 @@ def list_merge_methods() -> list[str]:
 
     Example:
         >>> sk.list_merge_methods()
-        ['dare_linear', 'dare_ties', 'linear', 'slerp', 'task_arithmetic', 'ties']
+        ['atlas', 'breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'linear', 'model_stock',
+         'pcb', 'slerp', 'task_arithmetic', 'ties']
     """
     import shiftkit.merging  # noqa: F401  (registers the built-in methods)
 
