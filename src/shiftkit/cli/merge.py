@@ -29,10 +29,11 @@ recipe (mergekit's shape; unknown keys are an error):
   dtype: bfloat16                          # output dtype (default: the base's); the math is float32
   shiftkit: {max_shard_size: 2GB, on_missing: error}
 
-examples:
-  shiftkit merge examples/merge_ties.yaml runs/merged --dry-run
-  shiftkit merge examples/merge_ties.yaml runs/merged --max-shard-size 500MB --json runs/merge.json
-  shiftkit merge examples/merge_ties.yaml runs/merged_delta.safetensors --force
+examples (examples/merge_ties.yaml documents every key; these inputs come from
+python examples/make_merge_inputs.py: SmolLM2-135M and 3 fine-tunes as sharded folders):
+  shiftkit merge examples/merge_smollm2_ties.yaml runs/merged --dry-run
+  shiftkit merge examples/merge_smollm2_ties.yaml runs/merged --max-shard-size 100MB --json runs/merge.json
+  shiftkit merge examples/merge_smollm2_ties.yaml runs/merged_delta.safetensors --force
 """
 
 
