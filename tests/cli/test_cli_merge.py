@@ -86,7 +86,7 @@ def test_help_has_example_and_does_not_import_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "shiftkit merge examples/merge_ties.yaml" in proc.stdout and "--dry-run" in proc.stdout
+    assert "shiftkit merge examples/merge_smollm2_ties.yaml" in proc.stdout and "--dry-run" in proc.stdout
     proc = subprocess.run(
         [sys.executable, "-m", "shiftkit", "merge", "--help"], capture_output=True, text=True, timeout=120
     )
