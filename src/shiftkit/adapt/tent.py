@@ -1,0 +1,120 @@
+"""``tent``: test-time entropy minimisation over the normalisation layers' affine parameters.
+
+For each batch, ``L = (1/N) Σ_i H(softmax(f(x_i)))`` with ``H(p) = −Σ_c p_c log p_c`` is minimised by
+``steps`` optimizer steps on the affine weight and bias (γ, β) of every BatchNorm1d/2d/3d, LayerNorm and
+GroupNorm layer (mariodoebler's extension of the BN2d-only reference); every other parameter is frozen.
+BatchNorm layers normalise with the batch statistics (source running buffers are kept but unused).
+
+Choices (spec §6.3, pitfall §7.3): the model is put in ``eval()`` with BatchNorm forced to batch statistics
+(mariodoebler), not ``train()`` (reference), so dropout / stochastic depth stay off and outputs are
+deterministic. Defaults follow the CIFAR reference: Adam, lr 1e-3, β = (0.9, 0.999), no weight decay;
+``optimizer="sgd"`` gives the ImageNet setting (momentum 0.9, Nesterov, pass ``lr=2.5e-4``).
+A BatchNorm channel with a single value in the batch falls back to the source statistics (no NaN).
+
+Reference: Wang et al., "Tent: Fully Test-Time Adaptation by Entropy Minimization", ICLR 2021,
+https://arxiv.org/abs/2006.10726.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from shiftkit.adapt.base import NORMS, TTAMethod, check_lr, use_batch_statistics
+from shiftkit.adapt.registry import register_adapt
+from shiftkit.errors import ShiftkitError
+
+__all__ = ["Tent", "softmax_entropy"]
+
+
+def softmax_entropy(logits: Tensor) -> Tensor:
+    """Shannon entropy of the softmax over the last dimension.
+
+    Args:
+        logits: ``(..., C)`` scores.
+
+    Returns:
+        ``(...)`` entropies ``−Σ_c p_c log p_c`` with ``p = softmax(logits)`` (nats).
+
+    Example:
+        >>> softmax_entropy(torch.zeros(2, 4))
+        tensor([1.3863, 1.3863])
+    """
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@register_adapt("tent")
+class Tent(TTAMethod):
+    """Adapt the normalisation layers' affine parameters by minimising the prediction entropy.
+
+    Args:
+        model: a model with affine BatchNorm/LayerNorm/GroupNorm layers (modified in place).
+        episodic: reset before every batch.
+        steps: optimizer steps per batch.
+        lr: learning rate (1e-3, the CIFAR reference with Adam).
+        optimizer: ``"adam"`` (β = (0.9, 0.999)) or ``"sgd"`` (momentum 0.9, Nesterov).
+        weight_decay: weight decay (0, as in the reference).
+
+    Raises:
+        ShiftkitError: no affine normalisation layer, bad ``lr`` / ``steps`` / ``optimizer``.
+
+    Example:
+        >>> tta = adapt.make("tent", model, lr=1e-3)
+        >>> logits = tta(x)     # (N, K) outputs before the update; γ, β updated on x
+        >>> tta.reset()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        episodic: bool = False,
+        steps: int = 1,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.lr = check_lr("tent", lr)
+        if optimizer not in ("adam", "sgd"):
+            raise ShiftkitError(f"adapt method 'tent': optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if not isinstance(weight_decay, int | float) or weight_decay < 0:
+            raise ShiftkitError(f"adapt method 'tent': weight_decay must be >= 0, got {weight_decay!r}")
+        self.optimizer_name = optimizer
+        self.weight_decay = float(weight_decay)
+        super().__init__(model, episodic=episodic, steps=steps)
+
+    def configure_model(self) -> None:
+        """Eval mode, all gradients off except the norm affine parameters, BatchNorm on batch statistics."""
+        super().configure_model()
+        bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BatchNorm)]
+        self._handles = use_batch_statistics(bns)
+        for p in self.collect_params():
+            p.requires_grad_(True)
+
+    def collect_params(self) -> list[nn.Parameter]:
+        """The weight and bias of every affine BatchNorm/LayerNorm/GroupNorm layer, in module order."""
+        params: list[nn.Parameter] = []
+        for m in self.model.modules():
+            if isinstance(m, NORMS):
+                params += [p for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
+        if not params:
+            names = ", ".join(t.__name__ for t in NORMS)
+            raise ShiftkitError(
+                f"adapt method 'tent' needs normalisation layers with affine parameters ({names}) but "
+                f"{type(self.model).__name__} has none"
+            )
+        return params
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam (β = (0.9, 0.999)) or Nesterov SGD (momentum 0.9) over ``params``."""
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
+            )
+        return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
+
+    def loss(self, outputs: Tensor) -> Tensor:
+        """Mean softmax entropy over the batch, ``(N, C) -> ()``."""
+        return softmax_entropy(outputs).mean()
