@@ -123,3 +123,20 @@ def test_forward_under_no_grad_still_adapts() -> None:
     with torch.no_grad():
         tta(_shifted(x))
     assert not torch.equal(model.bn1.weight, w0)
+
+
+def test_subclass_adapting_parameters_needs_optimizer_and_loss() -> None:
+    class NoOptimizer(adapt.TTAMethod):
+        def collect_params(self) -> list[nn.Parameter]:
+            return list(self.model.parameters())
+
+    model = nn.Linear(3, 2)
+    with pytest.raises(ShiftkitError, match="NoOptimizer adapts parameters but defines no optimizer"):
+        NoOptimizer(model)
+
+    class NoLoss(NoOptimizer):
+        def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            return torch.optim.SGD(params, lr=0.1)
+
+    with pytest.raises(ShiftkitError, match="NoLoss adapts parameters but defines no loss"):
+        NoLoss(model)(torch.randn(4, 3))

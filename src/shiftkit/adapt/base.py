@@ -145,11 +145,11 @@ class TTAMethod(nn.Module):
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """Return the optimizer over ``params`` (only called when there are parameters to adapt)."""
-        raise NotImplementedError(f"{type(self).__name__} adapts parameters but defines no optimizer")
+        raise ShiftkitError(f"{type(self).__name__} adapts parameters but defines no optimizer")
 
     def loss(self, outputs: Tensor) -> Tensor:
         """Return the scalar unsupervised loss on ``outputs`` (only used when parameters are adapted)."""
-        raise NotImplementedError(f"{type(self).__name__} adapts parameters but defines no loss")
+        raise ShiftkitError(f"{type(self).__name__} adapts parameters but defines no loss")
 
     # --- protocol -------------------------------------------------------------------------------
     def adapted_parameters(self) -> list[nn.Parameter]:

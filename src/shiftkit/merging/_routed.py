@@ -78,8 +78,8 @@ class RoutedModule(ShiftWrapper):
         raise ShiftkitError("a routed module has no single delta; merge the pool statically with pool.merge")
 
     def member_tensors(self, j: int) -> dict[str, Tensor]:
-        """Member ``j``'s shift tensors by role, as the pool stores them."""
-        raise NotImplementedError
+        """Member ``j``'s shift tensors by role, as the pool stores them (each subclass defines it)."""
+        raise ShiftkitError(f"{type(self).__name__} does not define member_tensors")
 
 
 class RoutedLoRA(RoutedModule):

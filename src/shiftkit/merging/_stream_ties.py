@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shiftkit.merging._ops import kth_smallest
+
 __all__ = ["dare_ties_into_", "ties_into_"]
 
 #: elements per block of the lean TIES kernel: 1 MiB of float32 temporaries, tiny next to a large tensor
@@ -34,8 +36,9 @@ def _kth_largest_abs(flat: Tensor, k: int) -> tuple[Tensor, int, int]:
 
     ``torch.kthvalue`` copies the whole tensor and selects in it; instead a seeded random sample brackets
     the value, one blockwise pass counts the entries above the bracket and gathers the few inside it, and
-    ``kthvalue`` runs on those only. A bracket that misses (a heavily tied tensor) falls back to the full
-    ``kthvalue``. Either way the returned value is exactly ``kthvalue(|x|, n − k + 1)``.
+    the shared exact selector (:func:`shiftkit.merging._ops.kth_smallest`) runs on those only. A bracket that
+    misses (a heavily tied tensor) falls back to selecting over all of ``|x|``. Either way the returned value
+    is exactly ``kthvalue(|x|, n − k + 1)``.
     """
     n = flat.numel()
     if n > 8 * _SAMPLE:
@@ -53,10 +56,10 @@ def _kth_largest_abs(flat: Tensor, k: int) -> tuple[Tensor, int, int]:
         cand = torch.cat(inside)
         rank = k - above  # the wanted value is the rank-th largest inside [lo, hi]
         if 1 <= rank <= cand.numel():
-            thr = torch.kthvalue(cand, cand.numel() - rank + 1).values
+            thr = kth_smallest(cand, cand.numel() - rank)
             return thr, above + int(torch.count_nonzero(cand > thr)), int(torch.count_nonzero(cand == thr))
     mag = flat.abs()
-    thr = torch.kthvalue(mag, n - k + 1).values
+    thr = kth_smallest(mag, n - k)
     return thr, int(torch.count_nonzero(mag > thr)), int(torch.count_nonzero(mag == thr))
 
 
