@@ -17,6 +17,7 @@ __all__ = [
     "kaiming_uniform_a_sqrt5_",
     "lora_conv_delta",
     "lora_delta",
+    "mean_pool",
     "scale_rows",
 ]
 
@@ -98,3 +99,29 @@ def channel_axis(module: nn.Module, ndim: int) -> int:
     if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.InstanceNorm1d):
         return -(ndim - 1) if ndim > 1 else -1
     return -1
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Average of the hidden states over the real (unpadded) tokens.
+
+    Args:
+        hidden: token states, shape ``(batch, seq, hidden)``.
+        attention_mask: 1 for real tokens, 0 for padding, shape ``(batch, seq)``, or ``(batch, seq - p)``
+            when prompt tuning prepended ``p`` virtual tokens (they are padded in as ones); ``None`` = every
+            token.
+
+    Returns:
+        The pooled states, shape ``(batch, hidden)``.
+
+    Example:
+        >>> mean_pool(torch.ones(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]])).shape
+        torch.Size([2, 4])
+    """
+    if attention_mask is None:
+        return hidden.mean(1)
+    extra = hidden.shape[1] - attention_mask.shape[1]
+    if extra > 0:  # prompt tuning prepended `extra` virtual tokens: they count as real tokens
+        ones = attention_mask.new_ones(attention_mask.shape[0], extra)
+        attention_mask = torch.cat([ones, attention_mask], 1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)

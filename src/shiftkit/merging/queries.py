@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from shiftkit.core.functional import mean_pool
 from shiftkit.errors import ShiftkitError
 
 __all__ = ["QueryFn", "call_args", "default_query", "hf_mean_pool_query", "mean_pool"]
@@ -34,26 +35,6 @@ def call_args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(inputs, tuple | list):
         return tuple(inputs), {}
     return (inputs,), {}
-
-
-def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Average of token states over the real tokens.
-
-    Args:
-        hidden: ``(B, L, H)``.
-        attention_mask: ``(B, L)``, 1 for tokens and 0 for padding; ``None`` = every token.
-
-    Returns:
-        ``(B, H)``.
-
-    Example:
-        >>> mean_pool(torch.ones(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]])).shape
-        torch.Size([2, 4])
-    """
-    if attention_mask is None:
-        return hidden.mean(1)
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def hf_mean_pool_query(encoder: str | nn.Module | None = "encoder") -> QueryFn:

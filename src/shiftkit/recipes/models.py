@@ -17,32 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from shiftkit.core.functional import mean_pool
 from shiftkit.errors import ShiftkitError
 
 __all__ = ["TEXT_ENCODERS", "TextClassifier", "minilm_classifier", "text_classifier"]
 
 #: zoo models that :func:`text_classifier` can build on
 TEXT_ENCODERS: tuple[str, ...] = ("minilm",)
-
-
-def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    """Average of the hidden states over the real (unpadded) tokens.
-
-    Args:
-        hidden: token states, shape ``(batch, seq, hidden)``.
-        attention_mask: 1 for real tokens, 0 for padding, shape ``(batch, seq)``, or ``(batch, seq - p)``
-            when prompt tuning prepended ``p`` virtual tokens (they are padded in as ones).
-
-    Returns:
-        The pooled states, shape ``(batch, hidden)``.
-    """
-    extra = hidden.shape[1] - attention_mask.shape[1]
-    if extra > 0:  # prompt tuning prepended `extra` virtual tokens: they count as real tokens
-        attention_mask = torch.cat(
-            [attention_mask.new_ones(attention_mask.shape[0], extra), attention_mask], 1
-        )
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 class TextClassifier(nn.Module):
