@@ -15,17 +15,29 @@ https://arxiv.org/abs/2006.10726 (protocol §6.1 of the shiftkit adapt spec).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.hooks import RemovableHandle
 
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["BATCH_NORMS", "NORMS", "TTAMethod", "batch_norms", "check_lr", "use_batch_statistics"]
+__all__ = [
+    "BATCH_NORMS",
+    "NORMS",
+    "SINGLE_SAMPLE_TARGET_WEIGHT",
+    "ForwardPatch",
+    "TTAMethod",
+    "batch_norms",
+    "check_lr",
+    "mix_batch_statistics",
+    "softmax_entropy",
+    "use_batch_statistics",
+]
 
 #: BatchNorm layer types whose statistics a test-time method may replace by the test batch's.
 BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -61,38 +73,140 @@ def batch_norms(model: nn.Module, method: str) -> list[tuple[str, _BatchNorm]]:
     return found
 
 
-def use_batch_statistics(bns: list[tuple[str, _BatchNorm]]) -> list[RemovableHandle]:
-    """Make BatchNorm layers normalise with the current batch's mean and biased variance.
+#: Weight of the test statistics used when a batch holds a single sample (batch size 1): one image is too
+#: little to estimate a channel's statistics, so they are mixed with the source ones as robusta/mariodoebler
+#: ``BNAlpha`` does at batch size 1 (test weight 0.1; spec §6.2).
+SINGLE_SAMPLE_TARGET_WEIGHT = 0.1
 
-    ``track_running_stats`` is switched off so the source running buffers are never updated (they are
-    unused in batch mode, and keeping them intact makes :meth:`TTAMethod.reset` cheap). A forward
-    pre-hook puts each layer in train mode, except when a channel has a single value in the batch
-    (batch size 1 with no spatial extent): there the batch variance is undefined, so the layer falls back
-    to the source running statistics instead of crashing or returning NaN.
+
+class ForwardPatch:
+    """Undo handle for a per-instance ``forward`` override (``remove()`` restores the class forward)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+def _bn_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _mixed_bn_forward(bn: _BatchNorm, x: Tensor, target_weight: float, single_weight: float) -> Tensor:
+    """BatchNorm with ``μ = (1 − a)·μ_src + a·μ_batch`` and ``σ² = (1 − a)·σ²_src + a·σ²_batch``."""
+    per_channel = x.numel() // max(x.shape[1], 1) if x.dim() > 1 else 1
+    has_source = bn.running_mean is not None and bn.running_var is not None
+    a = target_weight if x.shape[0] > 1 else min(target_weight, single_weight)
+    if per_channel <= 1:
+        a = 0.0  # one value per channel: the batch variance is undefined, use the source statistics
+    if not has_source:
+        if per_channel <= 1:
+            raise ShiftkitError(
+                f"{type(bn).__name__} has no running statistics (track_running_stats=False) and the batch "
+                f"has one value per channel: its statistics cannot be estimated; use a larger batch"
+            )
+        a = 1.0
+    if a >= 1.0:
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    if a <= 0.0:
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    dims = _bn_dims(x)
+    mean = (1.0 - a) * bn.running_mean + a * x.mean(dims)  # type: ignore[operator]
+    var = (1.0 - a) * bn.running_var + a * x.var(dims, unbiased=False)  # type: ignore[operator]
+    # Written out (F.batch_norm in eval mode is not differentiable in its statistics, TENT needs them to be).
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.weight is not None:
+        y = y * bn.weight.view(shape)
+    if bn.bias is not None:
+        y = y + bn.bias.view(shape)
+    return y
+
+
+def mix_batch_statistics(
+    bns: list[tuple[str, _BatchNorm]],
+    target_weight: float = 1.0,
+    *,
+    single_sample_weight: float = SINGLE_SAMPLE_TARGET_WEIGHT,
+) -> list[ForwardPatch]:
+    """Make BatchNorm layers normalise with a mix of the source and the current batch's statistics.
+
+    Each layer computes ``μ = (1 − a)·μ_src + a·μ_B`` and ``σ² = (1 − a)·σ²_src + a·σ²_B`` per channel,
+    where ``μ_B`` and the biased ``σ²_B`` are the test batch's statistics and ``a = target_weight`` is the
+    weight of the *test* statistics (``a = 1``: pure batch statistics, BN-1/``norm``; ``a = 0``: the source
+    model). The layer's mode (train/eval) is ignored and the running buffers are never updated, so
+    gradients flow through ``μ_B``, ``σ²_B`` exactly as in a train-mode BatchNorm. Safeguards, so no batch
+    crashes or returns NaN: a batch of one sample uses ``a = min(target_weight, single_sample_weight)``
+    (source-mixed statistics), and a channel with a single value uses the source statistics.
+
+    Args:
+        bns: the layers, as returned by :func:`batch_norms`.
+        target_weight: ``a`` in ``[0, 1]``, the weight of the test-batch statistics.
+        single_sample_weight: the test weight used for a batch of size 1.
+
+    Returns:
+        Undo handles (``h.remove()`` restores the layer's own forward).
+
+    Raises:
+        ShiftkitError: a weight outside ``[0, 1]``.
+
+    Example:
+        >>> handles = mix_batch_statistics(batch_norms(model, "alpha_bn"), target_weight=0.1)
+        >>> y = model(x)                      # 90 % source, 10 % test statistics
+        >>> for h in handles: h.remove()
+    """
+    for label, w in (("target_weight", target_weight), ("single_sample_weight", single_sample_weight)):
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w <= 1.0:
+            raise ShiftkitError(
+                f"{label} must be a number in [0, 1] (weight of the test statistics), got {w!r}"
+            )
+    a, single = float(target_weight), float(single_sample_weight)
+    patches = []
+    for _, bn in bns:
+        # A per-instance forward: nn.Module.__call__ finds it before the class's; ForwardPatch removes it.
+        bn.forward = functools.partial(_mixed_bn_forward, bn, target_weight=a, single_weight=single)  # type: ignore[method-assign]
+        patches.append(ForwardPatch(bn))
+    return patches
+
+
+def use_batch_statistics(bns: list[tuple[str, _BatchNorm]]) -> list[ForwardPatch]:
+    """Make BatchNorm layers normalise with the current batch's mean and biased variance (BN-1).
+
+    The same as :func:`mix_batch_statistics` with ``target_weight=1``: the source running buffers are kept
+    but unused (and never updated, which keeps :meth:`TTAMethod.reset` cheap). A batch of one sample uses
+    source-mixed statistics (:data:`SINGLE_SAMPLE_TARGET_WEIGHT`) and a channel with a single value the
+    source statistics, instead of crashing or returning NaN.
 
     Args:
         bns: the layers, as returned by :func:`batch_norms`.
 
     Returns:
-        The hook handles (remove them to undo the pre-hook; ``track_running_stats`` stays off).
+        Undo handles (``h.remove()`` restores the layer's own forward).
 
     Example:
         >>> handles = use_batch_statistics(batch_norms(model, "norm"))
         >>> model.eval(); y = model(x)   # BN layers use x's statistics
         >>> for h in handles: h.remove()
     """
+    return mix_batch_statistics(bns, 1.0)
 
-    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0]
-        per_channel = x.numel() // max(x.shape[1], 1) if x.dim() > 1 else 1
-        has_source = getattr(module, "running_mean", None) is not None
-        module.training = per_channel > 1 or not has_source
 
-    handles = []
-    for _, bn in bns:
-        bn.track_running_stats = False
-        handles.append(bn.register_forward_pre_hook(pre_hook))
-    return handles
+def softmax_entropy(logits: Tensor) -> Tensor:
+    """Shannon entropy of the softmax over the last dimension.
+
+    Args:
+        logits: ``(..., C)`` scores.
+
+    Returns:
+        ``(...)`` entropies ``−Σ_c p_c log p_c`` with ``p = softmax(logits)`` (nats).
+
+    Example:
+        >>> softmax_entropy(torch.zeros(2, 4))
+        tensor([1.3863, 1.3863])
+    """
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 class TTAMethod(nn.Module):
@@ -107,6 +221,11 @@ class TTAMethod(nn.Module):
         episodic: reset before every batch (each batch is adapted independently from the source).
         steps: optimizer steps per batch (≥ 1); the returned outputs come from the forward pass made
             before the last step, as in the TENT reference.
+        collapse_entropy: collapse guard for methods that train (``None`` = off). After each batch the
+            exponential average (momentum 0.9) of the batch-mean prediction entropy is updated; when it
+            falls below this many nats the model has collapsed onto confident predictions and the method
+            resets to the source state (counted in ``collapse_resets``). SAR's model recovery uses the
+            same mechanism on its own loss.
 
     Example:
         >>> tta = adapt.make("tent", model, lr=1e-3)
@@ -116,14 +235,34 @@ class TTAMethod(nn.Module):
 
     name = "base"
 
-    def __init__(self, model: nn.Module, *, episodic: bool = False, steps: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        episodic: bool = False,
+        steps: int = 1,
+        collapse_entropy: float | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ShiftkitError(f"adapt method {self.name!r}: steps must be an integer >= 1, got {steps!r}")
+        if collapse_entropy is not None and (
+            isinstance(collapse_entropy, bool)
+            or not isinstance(collapse_entropy, int | float)
+            or not math.isfinite(collapse_entropy)
+            or collapse_entropy <= 0
+        ):
+            raise ShiftkitError(
+                f"adapt method {self.name!r}: collapse_entropy must be None or a number > 0 (nats), "
+                f"got {collapse_entropy!r}"
+            )
         self.model = model
         self.episodic = bool(episodic)
         self.steps = steps
-        self._handles: list[RemovableHandle] = []
+        self.collapse_entropy = None if collapse_entropy is None else float(collapse_entropy)
+        self.collapse_resets = 0
+        self._entropy_ema: float | None = None
+        self._handles: list[Any] = []  # undo handles of hooks / patches (objects with .remove())
         self.configure_model()
         self._params = list(self.collect_params())
         self.optimizer = self.build_optimizer(self._params) if self._params else None
@@ -191,7 +330,34 @@ class TTAMethod(nn.Module):
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         assert outputs is not None
-        return outputs.detach()
+        outputs = outputs.detach()
+        self.guard_collapse(softmax_entropy(outputs).mean())
+        return outputs
+
+    def guard_collapse(self, value: Tensor | float) -> bool:
+        """Update the collapse guard with one batch's entropy (or loss) and reset if it collapsed.
+
+        Args:
+            value: the batch's mean prediction entropy in nats (SAR passes its reliable-sample loss).
+
+        Returns:
+            True if the model was reset.
+
+        Example:
+            >>> tta = adapt.make("tent", model, collapse_entropy=0.2)
+            >>> tta.guard_collapse(0.01)   # called by forward(); resets once the average is below 0.2
+        """
+        if self.collapse_entropy is None:
+            return False
+        v = float(value)
+        if not math.isfinite(v):
+            return False  # a NaN batch says nothing about collapse (SAR skips it too)
+        self._entropy_ema = v if self._entropy_ema is None else 0.9 * self._entropy_ema + 0.1 * v
+        if self._entropy_ema < self.collapse_entropy:
+            self.reset()
+            self.collapse_resets += 1
+            return True
+        return False
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -210,9 +376,15 @@ class TTAMethod(nn.Module):
             buffers[n].copy_(saved)
         if self.optimizer is not None and self._opt_snapshot is not None:
             self.optimizer.load_state_dict(copy.deepcopy(self._opt_snapshot))  # replaces the whole state
+        self._entropy_ema = None
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        """Clear method-specific state (memory, moving averages) on :meth:`reset`; default: nothing."""
 
     def extra_repr(self) -> str:
-        return f"episodic={self.episodic}, steps={self.steps}"
+        guard = "" if self.collapse_entropy is None else f", collapse_entropy={self.collapse_entropy}"
+        return f"episodic={self.episodic}, steps={self.steps}{guard}"
 
 
 def check_lr(method: str, lr: float) -> float:

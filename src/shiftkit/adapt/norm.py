@@ -5,7 +5,7 @@ ones: ``y = γ (x − μ_B) / sqrt(σ²_B + ε) + β`` with ``μ_B`` and the bia
 over the batch (and spatial) dimensions. No gradients; γ, β and the running buffers are unchanged.
 
 Choices (spec §6.2): the rest of the model stays in eval mode (dropout off, like mariodoebler ``BNTest``);
-running buffers are not updated (``track_running_stats=False``: they are unused, and untouched buffers make
+running buffers are not updated (they are unused, and untouched buffers make
 ``reset`` trivial); a channel with a single value in the batch (batch size 1, no spatial extent) falls
 back to the source statistics instead of raising or producing NaN. LayerNorm/GroupNorm already normalise
 per sample, so ``norm`` needs BatchNorm layers and raises :class:`~shiftkit.errors.ShiftkitError` without.

@@ -21,28 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from shiftkit.adapt.base import NORMS, TTAMethod, check_lr, use_batch_statistics
+from shiftkit.adapt.base import NORMS, TTAMethod, check_lr, softmax_entropy, use_batch_statistics
 from shiftkit.adapt.registry import register_adapt
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["Tent", "softmax_entropy"]
-
-
-def softmax_entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy of the softmax over the last dimension.
-
-    Args:
-        logits: ``(..., C)`` scores.
-
-    Returns:
-        ``(...)`` entropies ``−Σ_c p_c log p_c`` with ``p = softmax(logits)`` (nats).
-
-    Example:
-        >>> softmax_entropy(torch.zeros(2, 4))
-        tensor([1.3863, 1.3863])
-    """
-    logp = logits.log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+__all__ = ["Tent", "softmax_entropy"]  # softmax_entropy lives in base; re-exported here
 
 
 @register_adapt("tent")
@@ -56,6 +39,8 @@ class Tent(TTAMethod):
         lr: learning rate (1e-3, the CIFAR reference with Adam).
         optimizer: ``"adam"`` (β = (0.9, 0.999)) or ``"sgd"`` (momentum 0.9, Nesterov).
         weight_decay: weight decay (0, as in the reference).
+        collapse_entropy: reset when the average prediction entropy falls below this (nats); ``None`` = off
+            (see :class:`~shiftkit.adapt.base.TTAMethod`).
 
     Raises:
         ShiftkitError: no affine normalisation layer, bad ``lr`` / ``steps`` / ``optimizer``.
@@ -75,6 +60,7 @@ class Tent(TTAMethod):
         lr: float = 1e-3,
         optimizer: str = "adam",
         weight_decay: float = 0.0,
+        collapse_entropy: float | None = None,
     ) -> None:
         self.lr = check_lr("tent", lr)
         if optimizer not in ("adam", "sgd"):
@@ -83,7 +69,7 @@ class Tent(TTAMethod):
             raise ShiftkitError(f"adapt method 'tent': weight_decay must be >= 0, got {weight_decay!r}")
         self.optimizer_name = optimizer
         self.weight_decay = float(weight_decay)
-        super().__init__(model, episodic=episodic, steps=steps)
+        super().__init__(model, episodic=episodic, steps=steps, collapse_entropy=collapse_entropy)
 
     def configure_model(self) -> None:
         """Eval mode, all gradients off except the norm affine parameters, BatchNorm on batch statistics."""
