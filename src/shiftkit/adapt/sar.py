@@ -1,0 +1,231 @@
+"""``sar``: sharpness-aware and reliable entropy minimisation with model recovery.
+
+The affine (γ, β) of the BatchNorm/LayerNorm/GroupNorm layers (minus those under ``exclude``) are adapted;
+BatchNorm uses the test batch's statistics; the model stays in ``eval()``. One step on a batch ``x``:
+
+1. ``E = H(softmax(f_θ(x)))`` per sample, reliable mask ``M1 = E < E0`` (``E0 = 0.4·ln C``),
+   ``L1 = mean(E[M1])``, ``g = ∇_θ L1``;
+2. SAM ascent ``ε = ρ·g / ‖g‖₂`` (one global norm over all adapted parameters), ``θ̃ = θ + ε``;
+3. ``E′ = H(softmax(f_θ̃(x)))[M1]``, ``M2 = E′ < E0``, ``L2 = mean(E′[M2])``, ``g̃ = ∇_θ̃ L2``;
+4. back to ``θ`` and a base-optimizer step (SGD, momentum 0.9) with ``g̃``;
+5. model recovery: ``ema ← 0.9·ema + 0.1·L2`` (NaN skipped); if ``ema < e_m`` the model and optimizer are
+   reset to the source state and ``ema`` is cleared.
+
+Checked against the SAR reference (mr-eggplant/SAR ``sar.py``) and mariodoebler ``methods/sar.py``: the ema
+uses the *second* loss ``L2`` (entropies at the perturbed point, restricted to ``M1`` then ``M2``); the
+recovery check runs after the update; the returned outputs are those of the first forward;
+``‖g‖`` gets ``+1e-12``; the base SGD has momentum 0.9, no Nesterov, no weight decay. Recovery is the
+base-class collapse guard fed with ``L2``: ``collapse_entropy`` *is* SAR's ``e_m`` (default 0.2; ``None``
+turns recovery off). Deviations: when ``M1`` (or ``M2``) is empty the reference still steps with a zero
+gradient (which moves the parameters by the momentum alone); shiftkit skips the step, as EATA does when no
+sample survives. The reference's ``reset`` after recovery does not clear its ema (a bug mariodoebler fixed);
+ours clears it.
+
+Excluded layers: the paper does not adapt the top of the network, ResNet ``layer4``, ViT ``blocks.9–11`` and
+the final ``norm``; pass ``exclude=PAPER_EXCLUDE`` (``("layer4", r"blocks\\.(9|10|11)", "norm")``) for those
+architectures. The default excludes nothing (the right set depends on the model). Learning rate: 2.5e-4 is
+the ResNet-50-BN setting at batch 64; the references use 1e-3 for ViT/Swin.
+
+Reference: Niu et al., "Towards Stable Test-Time Adaptation in Dynamic Wild World", ICLR 2023,
+https://arxiv.org/abs/2302.12400.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from shiftkit.adapt.base import NORMS, TTAMethod, check_lr, softmax_entropy, use_batch_statistics
+from shiftkit.adapt.eata import check_margin, default_entropy_margin
+from shiftkit.adapt.registry import register_adapt
+from shiftkit.errors import ShiftkitError
+
+__all__ = ["PAPER_EXCLUDE", "SAR"]
+
+#: The layers the SAR paper leaves frozen: ResNet ``layer4``, ViT-Base ``blocks.9``–``11`` and the final
+#: ``norm`` (each pattern must fullmatch a module name or one of its parents' names).
+PAPER_EXCLUDE: tuple[str, ...] = ("layer4", r"blocks\.(9|10|11)", "norm")
+
+#: Added to the gradient norm before dividing (SAM reference) so a zero gradient gives ε = 0, not NaN.
+_NORM_EPS = 1e-12
+
+
+def _excluded(name: str, patterns: list[re.Pattern[str]]) -> bool:
+    """True if a pattern fullmatches ``name`` or one of its dotted prefixes (a parent module's name)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))] if name else []
+    return any(p.fullmatch(q) for p in patterns for q in prefixes)
+
+
+@register_adapt("sar")
+class SAR(TTAMethod):
+    """Sharpness-aware minimisation of the reliable samples' entropy, with model recovery.
+
+    Args:
+        model: a model mapping a batch to ``(N, C)`` logits, with affine BatchNorm/LayerNorm/GroupNorm
+            layers (modified in place). LN and GN models are the ones SAR is designed for.
+        episodic: reset before every batch.
+        steps: SAR steps per batch (1).
+        lr: SGD learning rate (2.5e-4: ResNet-50-BN at batch 64; use 1e-3 for ViT/Swin).
+        rho: SAM neighbourhood radius ρ (0.05, the reference).
+        e_margin: entropy margin ``E0`` in nats; ``None`` = ``0.4·ln C``, ``C`` from the first batch.
+        exclude: regular expressions; a norm layer is frozen when one fullmatches its name or a parent's
+            name (default: none; :data:`PAPER_EXCLUDE` is the paper's ResNet/ViT set).
+        collapse_entropy: SAR's recovery threshold ``e_m`` (0.2): reset to the source when the moving
+            average of ``L2`` falls below it; ``None`` disables recovery.
+
+    Attributes:
+        collapse_resets: number of model recoveries so far.
+
+    Raises:
+        ShiftkitError: no adaptable norm layer (none, or all excluded), bad ``lr`` / ``rho`` / ``e_margin``
+            / ``exclude`` pattern, outputs that are not ``(N, C)``.
+
+    Example:
+        >>> tta = adapt.make("sar", vit, lr=1e-3, exclude=PAPER_EXCLUDE)
+        >>> logits = tta(x)        # (N, C) outputs of the first forward; θ updated by one SAM step
+        >>> tta.collapse_resets    # model recoveries so far
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        episodic: bool = False,
+        steps: int = 1,
+        lr: float = 2.5e-4,
+        rho: float = 0.05,
+        e_margin: float | None = None,
+        exclude: Sequence[str] = (),
+        collapse_entropy: float | None = 0.2,
+    ) -> None:
+        self.lr = check_lr("sar", lr)
+        if isinstance(rho, bool) or not isinstance(rho, int | float) or not math.isfinite(rho) or rho < 0:
+            raise ShiftkitError(f"adapt method 'sar': rho must be a finite number >= 0, got {rho!r}")
+        self.rho = float(rho)
+        self.e_margin = None if e_margin is None else check_margin("sar", "e_margin", e_margin)
+        patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+        self.exclude = tuple(patterns)
+        self._exclude_re: list[re.Pattern[str]] = []
+        for p in patterns:
+            if not isinstance(p, str):
+                raise ShiftkitError(f"adapt method 'sar': exclude must hold regex strings, got {p!r}")
+            try:
+                self._exclude_re.append(re.compile(p))
+            except re.error as e:
+                raise ShiftkitError(f"adapt method 'sar': exclude pattern {p!r} is not a regex: {e}") from e
+        super().__init__(model, episodic=episodic, steps=steps, collapse_entropy=collapse_entropy)
+
+    # --- TTAMethod hooks --------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Eval mode, gradients only for the adapted norm parameters, BatchNorm on batch statistics."""
+        super().configure_model()
+        bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BatchNorm)]
+        self._handles = use_batch_statistics(bns)
+        for p in self.collect_params():
+            p.requires_grad_(True)
+
+    def collect_params(self) -> list[nn.Parameter]:
+        """Weight and bias of every affine norm layer not matched by ``exclude``, in module order."""
+        params: list[nn.Parameter] = []
+        seen_norm = False
+        for name, m in self.model.named_modules():
+            if not isinstance(m, NORMS):
+                continue
+            seen_norm = True
+            if _excluded(name, self._exclude_re):
+                continue
+            params += [p for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
+        if not params:
+            names = ", ".join(t.__name__ for t in NORMS)
+            why = f"all are excluded by {list(self.exclude)}" if seen_norm else "it has none"
+            raise ShiftkitError(
+                f"adapt method 'sar' needs normalisation layers with affine parameters ({names}) but "
+                f"{type(self.model).__name__} has none to adapt: {why}"
+            )
+        return params
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The base optimizer of SAM: SGD with momentum 0.9 (no Nesterov, no weight decay; reference)."""
+        return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+
+    # --- SAR ----------------------------------------------------------------------------------------
+    def entropy_margin(self, num_classes: int) -> float:
+        """``E0``: ``e_margin`` if given, else ``0.4·ln num_classes``.
+
+        Example:
+            >>> adapt.make("sar", model).entropy_margin(1000)
+            2.763...
+        """
+        return self.e_margin if self.e_margin is not None else default_entropy_margin(num_classes)
+
+    def _step(self, x: Tensor) -> tuple[Tensor, float]:
+        """One SAR step; returns the first forward's outputs and ``L2`` (NaN when no step was taken)."""
+        outputs = self.model(x)
+        if outputs.dim() != 2:
+            raise ShiftkitError(f"adapt method 'sar' needs (N, C) outputs, got shape {tuple(outputs.shape)}")
+        e0 = self.entropy_margin(outputs.shape[-1])
+        entropy = softmax_entropy(outputs)
+        m1 = entropy < e0
+        if not bool(m1.any()):
+            return outputs, math.nan  # no reliable sample: nothing to learn from (reference: zero-grad step)
+        params = self._params
+        grads = torch.autograd.grad(entropy[m1].mean(), params, allow_unused=True)
+        present = [g for g in grads if g is not None]
+        if not present:
+            return outputs, math.nan  # the loss does not reach any adapted parameter
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
+        scale = self.rho / (norm + _NORM_EPS)
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.add_(g * scale)  # θ̃ = θ + ρ g / ‖g‖ (ascent to the neighbourhood's worst point)
+        entropy2 = softmax_entropy(self.model(x))[m1]
+        m2 = entropy2 < e0
+        loss2 = entropy2[m2].mean() if bool(m2.any()) else None
+        grads2 = torch.autograd.grad(loss2, params, allow_unused=True) if loss2 is not None else None
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)  # back to θ bit for bit (not θ̃ − ε, which rounds)
+        if grads2 is None or loss2 is None:
+            return outputs, math.nan
+        assert self.optimizer is not None
+        for p, g in zip(params, grads2, strict=True):
+            p.grad = g  # the gradient at θ̃ drives the step from θ
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return outputs, float(loss2.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Predict on ``x`` and take ``steps`` SAR steps on it (predict-before-update).
+
+        Args:
+            x: one unlabeled batch, e.g. ``(N, C_in, H, W)`` images.
+
+        Returns:
+            ``(N, C)`` outputs of the first forward pass of the last step.
+
+        Example:
+            >>> for x in stream:
+            ...     logits = tta(x)
+            >>> tta.collapse_resets
+        """
+        if self.episodic:
+            self.reset()
+        outputs: Tensor | None = None
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                outputs, loss2 = self._step(x)
+                self.guard_collapse(loss2)  # model recovery on the ema of L2 (NaN skipped)
+        assert outputs is not None
+        return outputs.detach()
+
+    def extra_repr(self) -> str:
+        e0 = "0.4·ln C" if self.e_margin is None else f"{self.e_margin}"
+        return f"{super().extra_repr()}, lr={self.lr}, rho={self.rho}, e_margin={e0}, exclude={self.exclude}"
