@@ -11,10 +11,34 @@ pre-update outputs; ``episodic`` resets before each batch). The model is adapted
 
 from __future__ import annotations
 
+from shiftkit.adapt.alpha_bn import AlphaBN
 from shiftkit.adapt.base import TTAMethod
+from shiftkit.adapt.bn_ema import BNEMA
+from shiftkit.adapt.eata import EATA
+from shiftkit.adapt.evaluate import TTARun, evaluate
+from shiftkit.adapt.label_shift import LabelShift
+from shiftkit.adapt.lame import Lame
 from shiftkit.adapt.norm import Norm
 from shiftkit.adapt.registry import list_methods, make, register_adapt
+from shiftkit.adapt.sar import SAR
 from shiftkit.adapt.source import Source
 from shiftkit.adapt.tent import Tent, softmax_entropy
 
-__all__ = ["Norm", "Source", "TTAMethod", "Tent", "list_methods", "make", "register_adapt", "softmax_entropy"]
+__all__ = [
+    "BNEMA",
+    "EATA",
+    "SAR",
+    "AlphaBN",
+    "LabelShift",
+    "Lame",
+    "Norm",
+    "Source",
+    "TTAMethod",
+    "TTARun",
+    "Tent",
+    "evaluate",
+    "list_methods",
+    "make",
+    "register_adapt",
+    "softmax_entropy",
+]
