@@ -241,3 +241,41 @@ def test_methods_on_copies_are_independent() -> None:
         tta(x)
     for k, v in model.state_dict().items():
         assert torch.equal(src[k], v)
+
+
+@pytest.mark.parametrize(
+    "method", ["norm", "alpha_bn", "bn_ema", "tent", "eata", "sar", "lame", "label_shift"]
+)
+def test_close_removes_patches_and_hooks(method: str) -> None:
+    """After reset() + close() the model computes exactly what the untouched source model computes."""
+    model = _model("bn")
+    source = copy.deepcopy(model)
+    tta = adapt.make(method, model, **OPTIONS.get(method, {}))
+    for x in _batches(3):
+        tta(x)
+    tta.reset()
+    tta.close()
+    tta.close()  # idempotent
+    x = _batches(1, seed=9)[0]
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+    assert not any(m.__dict__.get("forward") for m in model.modules())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_bn_ema_model_callable_before_the_first_batch() -> None:
+    tta = adapt.make("bn_ema", _model("bn"))
+    out = tta.model(_batches(1)[0])
+    assert torch.isfinite(out).all()
+
+
+def test_evaluate_counts_nonfinite_batches() -> None:
+    class Diverged(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(len(x), 2)
+            out[0, 0] = float("nan")
+            return out
+
+    doms = {"a": (torch.randn(6, 3), torch.zeros(6, dtype=torch.long))}
+    run = adapt.evaluate(adapt.make("source", Diverged()), streams.continual(doms, 2))
+    assert run.nonfinite_batches == 3

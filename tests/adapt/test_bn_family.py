@@ -176,3 +176,21 @@ def test_collapse_guard_rejects_bad_threshold(bad: object) -> None:
     model, _ = make_tiny("cnn")
     with pytest.raises(ShiftkitError, match="collapse_entropy"):
         adapt.make("tent", model, collapse_entropy=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_uses_the_native_statistics(dtype: torch.dtype) -> None:
+    """One-pass moments would cancel in 16-bit floats (mean 10, std 1): the native kernel must be used."""
+    model = _bn_model().to(dtype)
+    x = (torch.randn(8, 3, 6, 6) + 10.0).to(dtype)
+    out = adapt.make("norm", model)(x).float()
+    ref = _reference(x.float(), model[0].float(), 1.0)
+    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
+
+
+def test_large_mean_falls_back_to_the_two_pass_kernel() -> None:
+    """mean/std = 1e3 in float32: the one-pass formula would lose the variance; the result stays exact."""
+    model = _bn_model()
+    x = torch.randn(8, 3, 6, 6) * 0.01 + 10.0
+    out = adapt.make("norm", model)(x)
+    torch.testing.assert_close(out, _reference(x, model[0], 1.0), atol=1e-3, rtol=1e-3)

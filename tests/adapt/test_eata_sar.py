@@ -150,7 +150,8 @@ def test_outputs_are_pre_update(name: str) -> None:
         with torch.no_grad():
             expected = tta.model(x)  # configured model (BN on batch statistics), before this batch's step
         out = tta(x)
-        assert torch.equal(out, expected)
+        # without autograd the BN statistics come from one-pass moments, with it from the native kernel
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert not out.requires_grad
 
 

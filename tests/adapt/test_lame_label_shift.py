@@ -329,6 +329,7 @@ def test_label_shift_source_prior_counts_and_errors() -> None:
         logits = _bayes_model()(x)
     ps = np.array([0.5, 0.25, 0.25])
     pi = _np_em(logits.softmax(1).double().numpy(), ps, 1)  # one EM step from π_s
+    pi = 0.999 * pi + 0.001 * ps  # the running estimate keeps 0.1 % of π_s (no class collapses to 0)
     q = logits.softmax(1).double().numpy() * pi / ps
     torch.testing.assert_close(tta(x).exp().double(), torch.from_numpy(q / q.sum(1, keepdims=True)))
     with pytest.raises(ShiftkitError, match="source_prior has 2 classes"):
@@ -336,6 +337,21 @@ def test_label_shift_source_prior_counts_and_errors() -> None:
     for bad in ({"source_prior": [1.0, 0.0, 1.0]}, {"momentum": 1.0}, {"em_iters": 0}, {"tol": -1.0}):
         with pytest.raises(ShiftkitError, match=next(iter(bad))):
             adapt.make("label_shift", _bayes_model(), **bad)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_label_shift_recovers_a_class_absent_for_many_batches(momentum: float) -> None:
+    """A label-correlated stream: 60 batches of class 0, then class 2. EM must bring class 2 back at once."""
+    tta = adapt.make("label_shift", _bayes_model(), momentum=momentum)
+    for seed in range(60):
+        x, _ = _gaussian_data([1.0, 0.0, 0.0], 40, seed)
+        tta(x)
+    x, y = _gaussian_data([0.0, 0.0, 1.0], 40, 100)
+    with torch.no_grad():
+        source_acc = float((_bayes_model()(x).argmax(1) == y).float().mean())
+    # momentum 0: at once; momentum 0.9: the running average needs a few batches to shift its weight
+    accs = [float((tta(x).argmax(1) == y).float().mean()) for _ in range(12 if momentum else 1)]
+    assert accs[-1] >= source_acc - 0.05, (accs, source_acc)
 
 
 def test_label_shift_inner_method_errors() -> None:

@@ -128,7 +128,9 @@ def test_tent_first_output_is_pre_update_batch_statistics() -> None:
     reference, _ = make_tiny("cnn")
     x = _shifted(torch.randn(8, 3, 6, 6))
     expected = adapt.make("norm", reference)(x)  # same γ, β, batch statistics, no update yet
-    torch.testing.assert_close(adapt.make("tent", model)(x), expected, rtol=0, atol=0)
+    # norm computes the statistics by one-pass moments (no autograd), tent with the native kernel: float32
+    # rounding apart, the outputs agree
+    torch.testing.assert_close(adapt.make("tent", model)(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["cnn", "norms"])

@@ -7,8 +7,14 @@ updates them before normalising with the updated values:
     μ ← (1 − η_t)·μ + η_t·μ_B,    σ² ← (1 − η_t)·σ² + η_t·σ²_B (unbiased, as PyTorch's running variance)
 
 so the statistics move quickly at first and then settle (OSUDA's exponential momentum decay); ``tau=None``
-keeps η constant, which is mariodoebler's ``BNEMA`` (a train-mode forward with PyTorch momentum 0.1, then an
-eval-mode forward; one forward computes the same here). No gradients; γ and β are unchanged.
+keeps η constant. No gradients; γ and β are unchanged.
+
+One forward pass per batch: each layer updates its statistics from its input and normalises with the
+updated values, so deeper layers see inputs already normalised by the adapted statistics of the layers
+before them. mariodoebler's ``BNEMA`` instead runs two passes (a train-mode pass, in which every layer's
+input is normalised by *batch* statistics, updates the running buffers; an eval-mode pass predicts); the
+first layer's statistics agree, deeper ones differ slightly. We keep one pass: half the cost, and the
+statistics each layer tracks are those of the inputs it actually receives at prediction time.
 
 Defaults (spec §6.13 marks OSUDA's constants as unverified; we could not read the paper's values):
 ``momentum=0.1`` (PyTorch's BN momentum and mariodoebler's BNEMA), ``tau=100`` batches (after about
@@ -80,6 +86,7 @@ class BNEMA(TTAMethod):
             )
         self.momentum, self.tau, self.min_momentum = float(momentum), tau, float(min_momentum)
         self.batches_seen = 0
+        self._eta = self.momentum  # read by the patched layers; forward() sets it per batch
         super().__init__(model, episodic=episodic, steps=steps)
 
     def current_momentum(self) -> float:

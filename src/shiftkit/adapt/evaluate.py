@@ -44,6 +44,8 @@ class TTARun:
         seconds: wall time of the run (prediction and adaptation).
         images_per_second: samples / seconds.
         collapse_resets: resets made by the collapse guard (SAR's model recovery included).
+        nonfinite_batches: batches whose outputs held NaN or ±Inf (a diverged method; those samples are
+            scored by ``argmax`` like any other, so a non-zero count means the errors are unreliable).
         stream: the stream's ``describe()`` record, when it has one.
     """
 
@@ -55,6 +57,7 @@ class TTARun:
     seconds: float
     images_per_second: float
     collapse_resets: int
+    nonfinite_batches: int = 0
     stream: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +114,7 @@ def evaluate(
     resets_before = method.collapse_resets
     start = time.perf_counter()
     first = True
+    nonfinite = 0
     for batch in bar:
         if batch.reset and not first:
             method.reset()
@@ -122,6 +126,8 @@ def evaluate(
                 f"adapt.evaluate needs (N, K) class scores for a batch of {len(batch.y)} labels, but "
                 f"{method.name!r} returned shape {tuple(outputs.shape)}"
             )
+        if not bool(torch.isfinite(outputs).all()):
+            nonfinite += 1
         hits = (outputs.argmax(-1).cpu() == batch.y).tolist()
         for dom, hit in zip(batch.domains, hits, strict=True):
             seen[dom] = seen.get(dom, 0) + 1
@@ -141,5 +147,6 @@ def evaluate(
         seconds=seconds,
         images_per_second=n / seconds if seconds > 0 else float("inf"),
         collapse_resets=method.collapse_resets - resets_before,
+        nonfinite_batches=nonfinite,
         stream=describe() if callable(describe) else {},
     )

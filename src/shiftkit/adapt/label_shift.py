@@ -20,6 +20,11 @@ identity correction. ``momentum=0`` is plain per-batch Saerens EM. The outputs a
 Composable: ``p`` are the outputs of any registered method (``source``, ``norm``, ``tent``, ``lame``, ...)
 passed through a softmax (correct for logits and for LAME's log-probabilities alike).
 
+This replaces the spec's trained "label shift adapter" (Park et al., ICCV'23, §6.12: a hypernetwork
+trained on the source under resampled priors, no public code) by the training-free EM estimate: nothing
+is learned before deployment. After each batch π̂ is mixed with 0.1 % of π_s so that no class's prior
+collapses to 0 while it is absent from a label-correlated stream.
+
 Reference: Saerens, Latinne, Decaestecker, "Adjusting the Outputs of a Classifier to New a Priori
 Probabilities: A Simple Procedure", Neural Computation 14(1), 2002,
 https://doi.org/10.1162/089976602753284446.
@@ -41,6 +46,7 @@ from shiftkit.errors import ShiftkitError
 __all__ = ["LabelShift", "em_prior"]
 
 _MIN_PRIOR = 1e-12  # floor before log: a class whose estimate underflows to 0 must not give −inf/NaN
+_PRIOR_FLOOR = 1e-3  # weight of π_s mixed into the running estimate after every batch
 
 
 def em_prior(
@@ -48,15 +54,17 @@ def em_prior(
 ) -> tuple[Tensor, int]:
     """Saerens EM estimate of a batch's label distribution.
 
-    Iterates ``π ← mean_i softmax(outputs_i + log π − log π_s)`` from ``init`` until the largest change of a
-    component is ``≤ tol`` or ``max_iter`` iterations ran.
+    Iterates ``π ← mean_i softmax(outputs_i + log π − log π_s)`` from ``init`` until the largest *relative*
+    change of a component, ``max_k |π_new − π| / max(π_k, π_new,k)``, is ``≤ tol`` or ``max_iter`` iterations
+    ran. Relative, because a class the previous batches drove to ~1e-8 moves by less than any absolute
+    tolerance on its first step back and an absolute test would stop EM right there.
 
     Args:
         outputs: ``(N, K)`` logits or log-probabilities of a model trained under the prior ``π_s``.
         log_source_prior: ``(K,)`` ``log π_s``.
         init: ``(K,)`` starting estimate (positive, sums to 1).
         max_iter: maximum EM iterations (≥ 1).
-        tol: convergence threshold on ``max_k |π_new − π|``.
+        tol: convergence threshold on the largest relative change of a component.
 
     Returns:
         ``(π, iterations)``: the ``(K,)`` estimate and the number of iterations run.
@@ -72,7 +80,7 @@ def em_prior(
         iterations += 1
         log_w = pi.clamp_min(_MIN_PRIOR).log() - log_source_prior
         new = (outputs + log_w).softmax(1).mean(0)
-        change = float((new - pi).abs().max())
+        change = float(((new - pi).abs() / torch.maximum(new, pi).clamp_min(_MIN_PRIOR)).max())
         pi = new
         if change <= tol:
             break
@@ -231,9 +239,20 @@ class LabelShift(TTAMethod):
             batch_prior, self.last_em_iterations = em_prior(
                 out, log_ps, running, max_iter=self.em_iters, tol=self.tol
             )
-            self._prior = self.momentum * running + (1.0 - self.momentum) * batch_prior
+            prior = self.momentum * running + (1.0 - self.momentum) * batch_prior
+            # keep every class reachable: a class absent for many batches must not be driven to ~0 (EM would
+            # need hundreds of iterations to bring it back when it reappears)
+            self._prior = (1.0 - _PRIOR_FLOOR) * prior + _PRIOR_FLOOR * log_ps.exp()
             corrected = (out + self._prior.clamp_min(_MIN_PRIOR).log() - log_ps).log_softmax(1)
         return corrected.to(outputs.dtype)
+
+    def close(self) -> None:
+        """Remove the inner method's patches and hooks (see :meth:`TTAMethod.close`).
+
+        Example:
+            >>> tta.close()
+        """
+        self.inner.close()
 
     @torch.no_grad()
     def reset(self) -> None:
