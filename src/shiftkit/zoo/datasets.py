@@ -268,12 +268,27 @@ def _rotten_tomatoes() -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(labels, dtype=np.int64)
 
 
+def _frost() -> list[np.ndarray]:
+    require("frost")
+    from PIL import Image
+
+    root = package_dir("imagecorruptions")
+    assert root is not None  # checked by require
+    names = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
+    out = []
+    for n in names:
+        with Image.open(root / "frost" / n) as im:
+            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    return out
+
+
 _LOADERS: dict[str, Any] = {
     "vader": _vader,
     "fashion-mnist": _fashion_mnist,
     "digits": _digits,
     "mnist5k": _mnist5k,
     "rotten-tomatoes": _rotten_tomatoes,
+    "frost": _frost,
 }
 
 
@@ -300,6 +315,8 @@ def load_dataset(name: str, **kwargs: Any) -> Any:
     * ``"mnist5k"``: ``(x, y)``; x uint8 ``(5000, 28, 28)``, y int64 ``(5000,)``, 500 per class.
     * ``"rotten-tomatoes"``: ``(texts, labels)``; ``n`` snippets and int64 labels ``(n,)``, fresh = 1,
       rotten = 0 (plot synopses are dropped).
+    * ``"frost"``: the six ImageNet-C frost photos as uint8 RGB arrays ``(H, W, 3)`` (used by
+      ``shiftkit.data.corrupt``'s frost corruption).
 
     Args:
         name: A dataset name from :func:`list_assets`.
