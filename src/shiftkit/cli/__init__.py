@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # name -> module; order is the order shown by --help
-SUBCOMMANDS: tuple[str, ...] = ("learn", "fold", "merge", "inspect", "bench", "zoo", "demo")
+SUBCOMMANDS: tuple[str, ...] = ("learn", "fold", "merge", "adapt", "inspect", "bench", "zoo", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
