@@ -55,6 +55,7 @@ bench: assets
 	$(BIN)/python benchmarks/fold_latency.py
 	$(BIN)/python benchmarks/merge_ties.py
 	$(BIN)/python benchmarks/merge_lora_exact.py
+	$(BIN)/python benchmarks/tta_throughput.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache runs
