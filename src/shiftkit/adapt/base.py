@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "batch_norms",
     "check_lr",
     "mix_batch_statistics",
+    "norm_affine_params",
     "softmax_entropy",
     "use_batch_statistics",
 ]
@@ -452,3 +454,98 @@ def check_lr(method: str, lr: float) -> float:
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         raise ShiftkitError(f"adapt method {method!r}: lr must be a finite number > 0, got {lr!r}")
     return float(lr)
+
+
+def norm_affine_params(
+    model: nn.Module, method: str, exclude: Callable[[str], bool] | None = None
+) -> list[nn.Parameter]:
+    """The weight and bias of every affine BatchNorm/LayerNorm/GroupNorm layer of ``model``, in module order.
+
+    Args:
+        model: any module.
+        method: the adaptation method's name, used in the error message.
+        exclude: ``exclude(module_name)`` True drops that layer (SAR's excluded top layers).
+
+    Returns:
+        The parameters (each once).
+
+    Raises:
+        ShiftkitError: no affine normalisation layer is left.
+
+    Example:
+        >>> [p.shape for p in norm_affine_params(model, "tent")]
+        [torch.Size([4]), torch.Size([4])]
+    """
+    params: list[nn.Parameter] = []
+    seen_norm = False
+    for name, m in model.named_modules():
+        if not isinstance(m, NORMS):
+            continue
+        seen_norm = True
+        if exclude is not None and exclude(name):
+            continue
+        params += [p for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
+    if not params:
+        names = _type_names(NORMS)
+        why = "all are excluded" if seen_norm and exclude is not None else "it has none"
+        raise ShiftkitError(
+            f"adapt method {method!r} needs normalisation layers with affine parameters ({names}) but "
+            f"{type(model).__name__} has none to adapt: {why}"
+        )
+    return params
+
+
+class NormAffineMethod(TTAMethod):
+    """Base of the entropy methods (TENT, EATA, SAR): adapt the norm layers' affine parameters.
+
+    The model is put in eval mode with every BatchNorm on batch statistics (mariodoebler's choice, spec
+    pitfall §7.3: dropout and stochastic depth stay off), all gradients off except the weight and bias of
+    the affine BatchNorm/LayerNorm/GroupNorm layers. The optimizer is Adam (β = (0.9, 0.999)) or Nesterov
+    SGD (momentum 0.9) from ``self.optimizer_name``, ``self.lr`` and ``self.weight_decay``.
+
+    Example:
+        >>> class Mine(NormAffineMethod):
+        ...     def loss(self, outputs): return softmax_entropy(outputs).mean()
+    """
+
+    lr: float = 1e-3
+    optimizer_name: str = "adam"
+    weight_decay: float = 0.0
+
+    def set_optimizer_options(self, lr: float, optimizer: str, weight_decay: float = 0.0) -> None:
+        """Validate and store ``lr``, ``optimizer`` (``"adam"`` or ``"sgd"``) and ``weight_decay``.
+
+        Example:
+            >>> self.set_optimizer_options(1e-3, "adam")   # in a subclass's __init__, before super().__init__
+        """
+        self.lr = check_lr(self.name, lr)
+        if optimizer not in ("adam", "sgd"):
+            raise ShiftkitError(
+                f"adapt method {self.name!r}: optimizer must be 'adam' or 'sgd', got {optimizer!r}"
+            )
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float) or weight_decay < 0:
+            raise ShiftkitError(
+                f"adapt method {self.name!r}: weight_decay must be >= 0, got {weight_decay!r}"
+            )
+        self.optimizer_name = optimizer
+        self.weight_decay = float(weight_decay)
+
+    def configure_model(self) -> None:
+        """Eval mode, gradients only for the adapted norm parameters, BatchNorm on batch statistics."""
+        super().configure_model()
+        bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BatchNorm)]
+        self._handles = use_batch_statistics(bns)
+        for p in self.collect_params():
+            p.requires_grad_(True)
+
+    def collect_params(self) -> list[nn.Parameter]:
+        """The weight and bias of every affine norm layer (see :func:`norm_affine_params`)."""
+        return norm_affine_params(self.model, self.name)
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam (β = (0.9, 0.999)) or Nesterov SGD (momentum 0.9) over ``params``."""
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
+            )
+        return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)

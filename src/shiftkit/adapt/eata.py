@@ -39,9 +39,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from shiftkit.adapt.base import NORMS, TTAMethod, check_lr, softmax_entropy, use_batch_statistics
+from shiftkit.adapt.base import NormAffineMethod, softmax_entropy
 from shiftkit.adapt.registry import register_adapt
 from shiftkit.errors import ShiftkitError
 
@@ -99,7 +98,7 @@ def _first_tensor(batch: object) -> Tensor:
 
 
 @register_adapt("eata")
-class EATA(TTAMethod):
+class EATA(NormAffineMethod):
     """Entropy minimisation on reliable, non-redundant samples with an optional Fisher anti-forgetting term.
 
     Args:
@@ -149,10 +148,7 @@ class EATA(TTAMethod):
         fisher_alpha: float = 1.0,
         collapse_entropy: float | None = None,
     ) -> None:
-        self.lr = check_lr("eata", lr)
-        if optimizer not in ("adam", "sgd"):
-            raise ShiftkitError(f"adapt method 'eata': optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        self.optimizer_name = optimizer
+        self.set_optimizer_options(lr, optimizer)
         self.e_margin = None if e_margin is None else check_margin("eata", "e_margin", e_margin)
         self.d_margin = check_margin("eata", "d_margin", d_margin)
         if (
@@ -170,39 +166,10 @@ class EATA(TTAMethod):
         self.moving_probs: Tensor | None = None
         super().__init__(model, episodic=episodic, steps=steps, collapse_entropy=collapse_entropy)
         self.fisher: list[Tensor] | None = None
-        self._theta0: list[Tensor] = [p.detach().clone() for p in self._params]
         if fisher_data is not None:
             self.fisher = self._estimate_fisher(fisher_data)
 
     # --- TTAMethod hooks --------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        """Eval mode, gradients only for the norm affine parameters, BatchNorm on batch statistics."""
-        super().configure_model()
-        bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BatchNorm)]
-        self._handles = use_batch_statistics(bns)
-        for p in self.collect_params():
-            p.requires_grad_(True)
-
-    def collect_params(self) -> list[nn.Parameter]:
-        """The weight and bias of every affine BatchNorm/LayerNorm/GroupNorm layer, in module order."""
-        params: list[nn.Parameter] = []
-        for m in self.model.modules():
-            if isinstance(m, NORMS):
-                params += [p for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
-        if not params:
-            names = ", ".join(t.__name__ for t in NORMS)
-            raise ShiftkitError(
-                f"adapt method 'eata' needs normalisation layers with affine parameters ({names}) but "
-                f"{type(self.model).__name__} has none"
-            )
-        return params
-
-    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """Adam (β = (0.9, 0.999)) or Nesterov SGD (momentum 0.9) over ``params``, as ``tent``."""
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, nesterov=True)
-        return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
-
     def reset_state(self) -> None:
         """Forget the moving mean probability vector ``m`` (the counters are kept)."""
         self.moving_probs = None
@@ -244,7 +211,7 @@ class EATA(TTAMethod):
         total = torch.zeros((), device=self._params[0].device)
         if self.fisher is None:
             return total
-        for p, f, p0 in zip(self._params, self.fisher, self._theta0, strict=True):
+        for p, f, p0 in zip(self._params, self.fisher, self._param_snapshot, strict=True):  # θ⁰: the source
             total = total + (f * (p - p0) ** 2).sum()
         return self.fisher_alpha * total
 

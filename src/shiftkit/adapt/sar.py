@@ -38,9 +38,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from shiftkit.adapt.base import NORMS, TTAMethod, check_lr, softmax_entropy, use_batch_statistics
+from shiftkit.adapt.base import NormAffineMethod, norm_affine_params, softmax_entropy
 from shiftkit.adapt.eata import check_margin, default_entropy_margin
 from shiftkit.adapt.registry import register_adapt
 from shiftkit.errors import ShiftkitError
@@ -63,7 +62,7 @@ def _excluded(name: str, patterns: list[re.Pattern[str]]) -> bool:
 
 
 @register_adapt("sar")
-class SAR(TTAMethod):
+class SAR(NormAffineMethod):
     """Sharpness-aware minimisation of the reliable samples' entropy, with model recovery.
 
     Args:
@@ -104,7 +103,7 @@ class SAR(TTAMethod):
         exclude: Sequence[str] = (),
         collapse_entropy: float | None = 0.2,
     ) -> None:
-        self.lr = check_lr("sar", lr)
+        self.set_optimizer_options(lr, "sgd")
         if isinstance(rho, bool) or not isinstance(rho, int | float) or not math.isfinite(rho) or rho < 0:
             raise ShiftkitError(f"adapt method 'sar': rho must be a finite number >= 0, got {rho!r}")
         self.rho = float(rho)
@@ -122,33 +121,9 @@ class SAR(TTAMethod):
         super().__init__(model, episodic=episodic, steps=steps, collapse_entropy=collapse_entropy)
 
     # --- TTAMethod hooks --------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        """Eval mode, gradients only for the adapted norm parameters, BatchNorm on batch statistics."""
-        super().configure_model()
-        bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BatchNorm)]
-        self._handles = use_batch_statistics(bns)
-        for p in self.collect_params():
-            p.requires_grad_(True)
-
     def collect_params(self) -> list[nn.Parameter]:
         """Weight and bias of every affine norm layer not matched by ``exclude``, in module order."""
-        params: list[nn.Parameter] = []
-        seen_norm = False
-        for name, m in self.model.named_modules():
-            if not isinstance(m, NORMS):
-                continue
-            seen_norm = True
-            if _excluded(name, self._exclude_re):
-                continue
-            params += [p for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
-        if not params:
-            names = ", ".join(t.__name__ for t in NORMS)
-            why = f"all are excluded by {list(self.exclude)}" if seen_norm else "it has none"
-            raise ShiftkitError(
-                f"adapt method 'sar' needs normalisation layers with affine parameters ({names}) but "
-                f"{type(self.model).__name__} has none to adapt: {why}"
-            )
-        return params
+        return norm_affine_params(self.model, self.name, lambda name: _excluded(name, self._exclude_re))
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The base optimizer of SAM: SGD with momentum 0.9 (no Nesterov, no weight decay; reference)."""

@@ -17,19 +17,16 @@ https://arxiv.org/abs/2006.10726.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from shiftkit.adapt.base import NORMS, TTAMethod, check_lr, softmax_entropy, use_batch_statistics
+from shiftkit.adapt.base import NormAffineMethod, softmax_entropy
 from shiftkit.adapt.registry import register_adapt
-from shiftkit.errors import ShiftkitError
 
 __all__ = ["Tent", "softmax_entropy"]  # softmax_entropy lives in base; re-exported here
 
 
 @register_adapt("tent")
-class Tent(TTAMethod):
+class Tent(NormAffineMethod):
     """Adapt the normalisation layers' affine parameters by minimising the prediction entropy.
 
     Args:
@@ -62,44 +59,8 @@ class Tent(TTAMethod):
         weight_decay: float = 0.0,
         collapse_entropy: float | None = None,
     ) -> None:
-        self.lr = check_lr("tent", lr)
-        if optimizer not in ("adam", "sgd"):
-            raise ShiftkitError(f"adapt method 'tent': optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        if not isinstance(weight_decay, int | float) or weight_decay < 0:
-            raise ShiftkitError(f"adapt method 'tent': weight_decay must be >= 0, got {weight_decay!r}")
-        self.optimizer_name = optimizer
-        self.weight_decay = float(weight_decay)
+        self.set_optimizer_options(lr, optimizer, weight_decay)
         super().__init__(model, episodic=episodic, steps=steps, collapse_entropy=collapse_entropy)
-
-    def configure_model(self) -> None:
-        """Eval mode, all gradients off except the norm affine parameters, BatchNorm on batch statistics."""
-        super().configure_model()
-        bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BatchNorm)]
-        self._handles = use_batch_statistics(bns)
-        for p in self.collect_params():
-            p.requires_grad_(True)
-
-    def collect_params(self) -> list[nn.Parameter]:
-        """The weight and bias of every affine BatchNorm/LayerNorm/GroupNorm layer, in module order."""
-        params: list[nn.Parameter] = []
-        for m in self.model.modules():
-            if isinstance(m, NORMS):
-                params += [p for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
-        if not params:
-            names = ", ".join(t.__name__ for t in NORMS)
-            raise ShiftkitError(
-                f"adapt method 'tent' needs normalisation layers with affine parameters ({names}) but "
-                f"{type(self.model).__name__} has none"
-            )
-        return params
-
-    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """Adam (β = (0.9, 0.999)) or Nesterov SGD (momentum 0.9) over ``params``."""
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(
-                params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
-            )
-        return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
 
     def loss(self, outputs: Tensor) -> Tensor:
         """Mean softmax entropy over the batch, ``(N, C) -> ()``."""
