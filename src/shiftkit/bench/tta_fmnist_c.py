@@ -13,7 +13,7 @@ as CIFAR-10-C uses the same 10,000 images. Streams (``shiftkit.data.streams``), 
 Plus the natural shift MNIST-5k → sklearn digits: a second source model trained on MNIST-5k (4,500 images),
 tested on all 1,797 digits in one shuffled stream.
 
-Sizes: the default (about 12 minutes on 2 quiet cores, plus about 12 minutes the first time to train and
+Sizes: the default (12–15 minutes on 2 cores, plus about 12 minutes the first time to train and
 cache the two source models) uses 1,000 images per corruption, batch 50; ``--quick`` 100 images and 3
 corruptions (a smoke run); ``--full`` all 10,000 test images per corruption at the anchors' batch 200 and
 a source model trained on the whole training set. Every run states its sizes in the output.
