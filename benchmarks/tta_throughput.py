@@ -11,8 +11,8 @@ and solver).
 
 Every repetition is a fresh process that builds one model per variant (same weights), checks ``norm`` and
 ``source`` outputs differ only through the BN statistics (``norm`` equals the model run with
-``BatchNorm2d`` in train mode, to 1e-4 relative), then times the variants in interleaved rounds with a rotating order
-(A B C D, B C D A, ...); ratios are taken per process and summarised by median and range.
+``BatchNorm2d`` in train mode, to 1e-4 relative), then times the variants in interleaved rounds with a
+rotating order (A B C D, B C D A, ...); ratios are taken per process and summarised by median and range.
 
 Run: ``.venv/bin/python benchmarks/tta_throughput.py`` (``--quick`` for a smoke run).
 """
@@ -69,7 +69,7 @@ def run_worker(case: str, rounds: int, per_round: int) -> None:
     with torch.no_grad():
         expect = ref(xs[0])
     got = variants["norm"](xs[0])
-    checks = {"norm_vs_train_mode_bn": float(((got - expect).abs().max() / expect.abs().max()))}
+    checks = {"norm_vs_train_mode_bn": float((got - expect).abs().max() / expect.abs().max())}
     ok = checks["norm_vs_train_mode_bn"] < 1e-4  # relative: 49 layers of float32 statistics, two formulas
 
     for fn in variants.values():  # warm-up
