@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from shiftkit import adapt
-from shiftkit.adapt.base import mix_batch_statistics
+from shiftkit.adapt.norm_stats import mix_batch_statistics
 from shiftkit.errors import ShiftkitError
 from tiny_models import make as make_tiny
 

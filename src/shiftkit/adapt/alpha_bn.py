@@ -15,7 +15,7 @@ Direction of the weight (spec §6.2, pitfall §7.8): robusta's ``AlphaBatchNorm`
 source statistics (Schneider et al.) is ``target_weight = n / (N + n)`` for batch size n.
 
 Default ``target_weight=0.1`` (the robusta/mariodoebler default, used there down to batch size 1). A batch
-of one sample never uses more than :data:`~shiftkit.adapt.base.SINGLE_SAMPLE_TARGET_WEIGHT` (0.1).
+of one sample never uses more than :data:`~shiftkit.adapt.norm_stats.SINGLE_SAMPLE_TARGET_WEIGHT` (0.1).
 
 References: You, Li & Zhao, "Test-time Batch Statistics Calibration for Covariate Shift",
 https://arxiv.org/abs/2110.04065; Schneider et al., NeurIPS 2020, https://arxiv.org/abs/2006.16971.
@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from shiftkit.adapt.base import SINGLE_SAMPLE_TARGET_WEIGHT, TTAMethod, batch_norms, mix_batch_statistics
+from shiftkit.adapt.base import TTAMethod
+from shiftkit.adapt.norm_stats import SINGLE_SAMPLE_TARGET_WEIGHT, batch_norms, mix_batch_statistics
 from shiftkit.adapt.registry import register_adapt
 
 __all__ = ["AlphaBN"]

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from shiftkit.adapt.base import ForwardPatch, TTAMethod, batch_norms
+from shiftkit.adapt.base import TTAMethod
+from shiftkit.adapt.norm_stats import ForwardPatch, batch_norms
 from shiftkit.adapt.registry import register_adapt
 from shiftkit.errors import ShiftkitError
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from shiftkit.adapt.base import TTAMethod, batch_norms, use_batch_statistics
+from shiftkit.adapt.base import TTAMethod
+from shiftkit.adapt.norm_stats import batch_norms, use_batch_statistics
 from shiftkit.adapt.registry import register_adapt
 
 __all__ = ["Norm"]
