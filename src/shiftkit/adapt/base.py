@@ -30,6 +30,8 @@ __all__ = [
     "NormAffineMethod",
     "TTAMethod",
     "check_lr",
+    "check_positive",
+    "default_entropy_margin",
     "norm_affine_params",
     "softmax_entropy",
 ]
@@ -77,6 +79,9 @@ class TTAMethod(nn.Module):
     """
 
     name = "base"
+    #: False for wrappers whose inner method owns the model's state and its reset (``label_shift``): then
+    #: no snapshot of the model's buffers is taken here.
+    owns_model_state = True
 
     def __init__(
         self,
@@ -112,7 +117,9 @@ class TTAMethod(nn.Module):
         # Snapshot: the adapted parameters and every buffer (other parameters are never touched), plus the
         # optimizer state, all deep copies so later in-place updates cannot alias them.
         self._param_snapshot = [p.detach().clone() for p in self._params]
-        self._buffer_snapshot = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self._buffer_snapshot = (
+            {n: b.detach().clone() for n, b in model.named_buffers()} if self.owns_model_state else {}
+        )
         self._opt_snapshot = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
 
     # --- hooks for subclasses -------------------------------------------------------------------
@@ -246,6 +253,24 @@ class TTAMethod(nn.Module):
         return f"episodic={self.episodic}, steps={self.steps}{guard}"
 
 
+def check_positive(method: str, label: str, value: float) -> float:
+    """Return ``value`` as a float, or raise :class:`ShiftkitError` naming ``label`` unless finite and > 0.
+
+    Example:
+        >>> check_positive("eata", "d_margin", 0.4)
+        0.4
+        >>> check_positive("eata", "d_margin", -1.0)  # raises ShiftkitError
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ShiftkitError(f"adapt method {method!r}: {label} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_lr(method: str, lr: float) -> float:
     """Return ``lr`` as a float or raise :class:`ShiftkitError` if it is not finite and > 0.
 
@@ -254,9 +279,17 @@ def check_lr(method: str, lr: float) -> float:
         0.001
         >>> check_lr("tent", -1.0)  # raises ShiftkitError
     """
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
-        raise ShiftkitError(f"adapt method {method!r}: lr must be a finite number > 0, got {lr!r}")
-    return float(lr)
+    return check_positive(method, "lr", lr)
+
+
+def default_entropy_margin(num_classes: int) -> float:
+    """The reliability margin ``E0 = 0.4·ln C`` of EATA and SAR (40 % of the maximum entropy), in nats.
+
+    Example:
+        >>> round(default_entropy_margin(1000), 4)
+        2.7631
+    """
+    return 0.4 * math.log(num_classes)
 
 
 def norm_affine_params(

@@ -40,50 +40,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from shiftkit.adapt.base import NormAffineMethod, softmax_entropy
+from shiftkit.adapt.base import NormAffineMethod, check_positive, default_entropy_margin, softmax_entropy
 from shiftkit.adapt.registry import register_adapt
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["EATA", "check_margin", "default_entropy_margin"]
+__all__ = ["EATA"]
 
 #: Momentum of the moving mean probability vector ``m`` (0.9 in both references).
 PROB_MOMENTUM = 0.9
-
-
-def default_entropy_margin(num_classes: int) -> float:
-    """The reliability margin ``E0 = 0.4·ln C`` used by EATA and SAR.
-
-    Args:
-        num_classes: ``C``, the number of outputs.
-
-    Returns:
-        ``0.4·ln C`` in nats (40 % of the maximum entropy).
-
-    Example:
-        >>> round(default_entropy_margin(1000), 4)
-        2.7631
-        >>> default_entropy_margin(10) < math.log(10)
-        True
-    """
-    return 0.4 * math.log(num_classes)
-
-
-def check_margin(method: str, label: str, value: float) -> float:
-    """Return ``value`` as a float or raise :class:`ShiftkitError` unless it is finite and > 0.
-
-    Example:
-        >>> check_margin("eata", "d_margin", 0.4)
-        0.4
-        >>> check_margin("eata", "d_margin", -1.0)  # raises ShiftkitError
-    """
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ShiftkitError(f"adapt method {method!r}: {label} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _first_tensor(batch: object) -> Tensor:
@@ -149,8 +113,8 @@ class EATA(NormAffineMethod):
         collapse_entropy: float | None = None,
     ) -> None:
         self.set_optimizer_options(lr, optimizer)
-        self.e_margin = None if e_margin is None else check_margin("eata", "e_margin", e_margin)
-        self.d_margin = check_margin("eata", "d_margin", d_margin)
+        self.e_margin = None if e_margin is None else check_positive("eata", "e_margin", e_margin)
+        self.d_margin = check_positive("eata", "d_margin", d_margin)
         if (
             isinstance(fisher_alpha, bool)
             or not isinstance(fisher_alpha, int | float)

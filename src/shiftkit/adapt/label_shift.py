@@ -142,6 +142,8 @@ class LabelShift(TTAMethod):
         >>> tta.reset()          # source model, fresh optimizer, prior back to π_s
     """
 
+    owns_model_state = False  # the inner method snapshots and resets the model
+
     def __init__(
         self,
         model: nn.Module,
@@ -171,8 +173,6 @@ class LabelShift(TTAMethod):
         self.last_em_iterations = 0
         self._prior: Tensor | None = None
         super().__init__(model, episodic=episodic)
-        # The inner method owns the model's state and its reset; this wrapper snapshots nothing itself.
-        self._buffer_snapshot = {}
 
     def configure_model(self) -> None:
         """Build the inner method (which configures the model)."""

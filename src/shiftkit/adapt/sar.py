@@ -39,8 +39,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from shiftkit.adapt.base import NormAffineMethod, norm_affine_params, softmax_entropy
-from shiftkit.adapt.eata import check_margin, default_entropy_margin
+from shiftkit.adapt.base import (
+    NormAffineMethod,
+    check_positive,
+    default_entropy_margin,
+    norm_affine_params,
+    softmax_entropy,
+)
 from shiftkit.adapt.registry import register_adapt
 from shiftkit.errors import ShiftkitError
 
@@ -107,7 +112,7 @@ class SAR(NormAffineMethod):
         if isinstance(rho, bool) or not isinstance(rho, int | float) or not math.isfinite(rho) or rho < 0:
             raise ShiftkitError(f"adapt method 'sar': rho must be a finite number >= 0, got {rho!r}")
         self.rho = float(rho)
-        self.e_margin = None if e_margin is None else check_margin("sar", "e_margin", e_margin)
+        self.e_margin = None if e_margin is None else check_positive("sar", "e_margin", e_margin)
         patterns = [exclude] if isinstance(exclude, str) else list(exclude)
         self.exclude = tuple(patterns)
         self._exclude_re: list[re.Pattern[str]] = []

@@ -193,11 +193,10 @@ def run_suite(
 
     fm_settings = SourceSettings("fashion-mnist", settings["n_train"], settings["epochs"], seed)
     source, fm_info = source_model(fm_settings, cache_root, progress, say)
-    _, _, xte, yte = load_dataset("fashion-mnist")
+    xtr, _, xte, yte = load_dataset("fashion-mnist")
     n = min(int(settings["per_domain"]), len(yte))
     idx = np.sort(np.random.default_rng(seed).permutation(len(yte))[:n])
     x, y = grey28_to_rgb32(xte[idx]), torch.as_tensor(yte[idx])
-    xtr, _, _, _ = load_dataset("fashion-mnist")
     fidx = np.random.default_rng(seed + 1).permutation(len(xtr) - 1000)[: settings["fisher_images"]]
     fisher_x = grey28_to_rgb32(xtr[fidx])
     fisher_batches = list(fisher_x.split(settings["batch_size"]))

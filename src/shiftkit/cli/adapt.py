@@ -135,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from shiftkit import adapt
+    from shiftkit.bench.tta_fmnist_c import corrupted_domains
     from shiftkit.cli._table import format_table, write_json
-    from shiftkit.data import CORRUPTIONS, corrupt, make_stream
+    from shiftkit.data import CORRUPTIONS, make_stream
     from shiftkit.errors import ShiftkitError
 
     for m in args.method:
@@ -163,12 +164,11 @@ def run(args: argparse.Namespace) -> int:
     if args.stream == "gradual":
         if not names:
             raise ShiftkitError("the gradual stream needs corruptions (severities 1..5 of each)")
-        graded = {
-            c: {s: (corrupt(x, c, s, seed=args.seed, preset="cifar"), y) for s in range(1, 6)} for c in names
-        }
+        by_severity = {sev: corrupted_domains(x, y, tuple(names), sev, args.seed) for sev in range(1, 6)}
+        graded = {c: {sev: by_severity[sev][c] for sev in range(1, 6)} for c in names}
         stream = make_stream("gradual", graded, args.batch_size)
     else:
-        domains = {c: (corrupt(x, c, args.severity, seed=args.seed, preset="cifar"), y) for c in names}
+        domains = corrupted_domains(x, y, tuple(names), args.severity, args.seed)
         stream = make_stream(args.stream, domains or {args.data: (x, y)}, args.batch_size, **options)
     model = _load_model(args.model, progress)
     runs = []
