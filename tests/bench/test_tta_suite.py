@@ -102,6 +102,11 @@ def test_adapt_cli_with_factories(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["--stream", "contiual"], "continual"),
         (["--method", "source", "norm", "--set", "lr=1"], "name the method"),
         (["--method", "tent", "--set", "tent.momentum=0.5"], "momentum"),
+        (["--set", "lr"], "KEY=VALUE"),
+        (["--method", "norm", "--set", "tent.lr=1"], "not among"),
+        (["--data", "mnist6k"], "unknown --data"),
+        (["--data", "nomodule_xyz:load"], "cannot load data factory"),
+        (["--stream", "gradual"], "needs corruptions"),
     ],
 )
 def test_adapt_cli_errors(
