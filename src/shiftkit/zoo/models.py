@@ -51,7 +51,8 @@ def _minilm(dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
     assert root is not None  # checked by require
     folder = str(root / "model")
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    extra = {} if dtype is None else {"dtype": dtype}
+    # typed as Any: transformers' overloads of from_pretrained reject a **dict of one value type
+    extra: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     model = AutoModel.from_pretrained(folder, local_files_only=True, **extra)
     return model.eval(), tok
 
