@@ -24,7 +24,9 @@ __all__ = [
     "TinyLlama",
     "TinyMLP",
     "TinyTagged",
+    "TinyTiedLlama",
     "make",
+    "make_tied_llama",
 ]
 
 
@@ -199,6 +201,41 @@ class TinyLlama(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.hf(input_ids=ids).logits
+
+
+class TinyTiedLlama(nn.Module):
+    """:class:`TinyLlama` with ``tie_word_embeddings=True``: ``hf.lm_head.weight`` *is*
+    ``hf.model.embed_tokens.weight`` (one ``nn.Parameter``), as in SmolLM2. ``ids (N, T) -> (N, T, 50)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            attn_implementation="eager",
+        )
+        self.hf = LlamaForCausalLM(config)
+        assert self.hf.lm_head.weight is self.hf.model.embed_tokens.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.hf(input_ids=ids).logits
+
+
+def make_tied_llama() -> tuple[TinyTiedLlama, Tensor]:
+    """A seeded :class:`TinyTiedLlama` in eval mode and an input ``(2, 5)`` (not in ``TINY_MODELS``: the
+    conformance matrix would have to untie it; ``tests/core/test_tied_weights.py`` covers it)."""
+    with _seeded(8):
+        model = TinyTiedLlama()
+        return model.eval(), torch.randint(0, 50, (2, 5))
 
 
 def _mlp() -> tuple[nn.Module, Tensor]:

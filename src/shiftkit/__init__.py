@@ -72,6 +72,7 @@ _API: dict[str, str] = {
     "NotFoldableError": "shiftkit.errors",
     "ShiftMismatchError": "shiftkit.errors",
     "TargetNotFoundError": "shiftkit.errors",
+    "TiedWeightsError": "shiftkit.errors",
     "UnknownMethodError": "shiftkit.errors",
     "CorruptFileError": "shiftkit.errors",
     "AssetNotFoundError": "shiftkit.errors",
@@ -116,6 +117,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         ShiftkitError,
         ShiftMismatchError,
         TargetNotFoundError,
+        TiedWeightsError,
         UnknownMethodError,
     )
     from shiftkit.merging.api import merge

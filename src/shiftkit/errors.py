@@ -15,6 +15,7 @@ __all__ = [
     "ShiftMismatchError",
     "ShiftkitError",
     "TargetNotFoundError",
+    "TiedWeightsError",
     "UnknownMethodError",
 ]
 
@@ -29,6 +30,13 @@ class NotFoldableError(ShiftkitError):
 
 class ShiftMismatchError(ShiftkitError):
     """A shift does not fit a model or another shift: keys, shapes, dtypes or the base differ."""
+
+
+class TiedWeightsError(ShiftkitError):
+    """A write would change a tensor that several modules share (tied weights), not only the targeted one.
+
+    The message names both modules; ``untie=True`` gives the targeted module its own tensor.
+    """
 
 
 class TargetNotFoundError(ShiftkitError):

@@ -8,6 +8,10 @@ from typing import Any
 EXAMPLE = """example:
   shiftkit fold lora.safetensors --model shiftkit.recipes.models:minilm_classifier --output runs/folded
   shiftkit fold my_shift.safetensors --model mypkg.models:build --output out/ --json fold.json
+  shiftkit fold head_lora.safetensors --model smollm2-135m --output out/ --untie
+
+--untie: a shift of a module whose weight another module shares (SmolLM2's lm_head is tied to its input
+embedding) gets its own copy of that weight; without it such a fold is refused, since it would change both.
 
 The model spec is a zoo name (shiftkit zoo list), "package.module:function", or a Hugging Face model folder.
 Writes <output>/model.safetensors (the folded state dict, written atomically) and prints what was folded.
@@ -26,6 +30,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("shift", help="shift file (.safetensors) written by shiftkit")
     p.add_argument("--model", required=True, help="base model: zoo name, module:function, or HF folder")
     p.add_argument("--output", required=True, help="folder for model.safetensors")
+    p.add_argument(
+        "--untie",
+        action="store_true",
+        help="give a targeted module whose weight is tied to another module its own weight",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
     return p
 
@@ -45,11 +54,13 @@ def run(args: argparse.Namespace) -> int:
     spec = get_method(shift.method)
     model, _ = resolve_model(args.model)
     before = sum(p.numel() for p in model.parameters())
+    tensors_before = len(list(model.parameters()))  # named_parameters() lists a tied tensor once
     t0 = time.perf_counter()
     attach_(model, shift)
-    fold_(model)
+    fold_(model, untie=args.untie)
     seconds = time.perf_counter() - t0
     after = sum(p.numel() for p in model.parameters())
+    tensors_after = len(list(model.parameters()))
     out = Path(args.output) / "model.safetensors"
     state = {k: v for k, v in model.state_dict().items()}
     atomic_save_tensors(state, out, {"format": "pt", "shiftkit_folded": Path(args.shift).name})
@@ -60,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "modules": len(shift.base),
         "params_before": before,
         "params_after": after,
+        "weight_tensors": f"{tensors_before} -> {tensors_after}",
         "fold_seconds": round(seconds, 4),
         "output": str(out),
     }

@@ -16,8 +16,15 @@ from shiftkit.core.config import ShiftConfig
 from shiftkit.core.registry import MethodSpec, get_method
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.targets import iter_base_modules, match_names, match_targets
+from shiftkit.core.tying import model_names, set_parameter_, split_tied, tied_message, warn_untied
 from shiftkit.core.wrapper import ShiftWrapper, TrainableCopy, write_params_
-from shiftkit.errors import NotFoldableError, ShiftkitError, ShiftMismatchError, TargetNotFoundError
+from shiftkit.errors import (
+    NotFoldableError,
+    ShiftkitError,
+    ShiftMismatchError,
+    TargetNotFoundError,
+    TiedWeightsError,
+)
 
 __all__ = [
     "attach_",
@@ -136,7 +143,8 @@ def attach_(model: nn.Module, shift: ShiftConfig | Shift) -> nn.Module:
     else:
         raise ShiftkitError(f"attach_ expects a method config or a Shift, got {type(shift).__name__}")
 
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # every name, tied aliases included: an alias that fold_ unties gets back its own flag
+    flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
     done: list[tuple[str, nn.Module]] = []
     try:
         for p in model.parameters():
@@ -292,20 +300,31 @@ def extract(model: nn.Module) -> Shift:
 
 
 def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:
-    for n, p in model.named_parameters():
+    for n, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(flags.get(n, True))
 
 
-def fold_(model: nn.Module) -> nn.Module:
+def fold_(model: nn.Module, *, untie: bool = False) -> nn.Module:
     """Bake the attached shift into the base weights and remove the wrappers, in place.
 
     Afterwards the model has its original architecture and computes what the shifted model computed.
 
+    Tied weights (an LM whose ``lm_head`` shares ``embed_tokens``' weight): folding a shift of one of them
+    into the shared tensor would change the other, so ``fold_`` refuses with :class:`TiedWeightsError`
+    unless ``untie=True``, which gives each targeted module its own weight (one more weight tensor each,
+    stated in a warning; a transformers config's ``tie_word_embeddings`` is set to False to match).
+
+    Args:
+        model: a model with a shift attached.
+        untie: give a targeted module whose weight is shared with another module its own copy.
+
     Raises:
         NotFoldableError: the method cannot be folded (nothing is changed).
+        TiedWeightsError: the shift targets a tied weight and ``untie`` is False (nothing is changed).
 
     Example:
         >>> sk.fold_(model)   # zero inference overhead from here on
+        >>> sk.fold_(smollm2_with_lora_on_lm_head, untie=True)
     """
     st, wrappers = _require_attached(model, "fold")
     spec: MethodSpec = get_method(st["method"])
@@ -314,12 +333,21 @@ def fold_(model: nn.Module) -> nn.Module:
             f"{spec.name} shifts cannot be folded into the base weights; use sk.detach_ or keep them attached"
         )
     values = {fqn: w.folded_params() for fqn, w in wrappers}  # compute all before mutating anything
+    names = model_names(model)
+    own = split_tied(names, {f"{fqn}.{p}": v for fqn, vs in values.items() for p, v in vs.items()})
+    if own and not untie:
+        raise TiedWeightsError(tied_message("sk.fold_", own, names))
+    untied = [n for group in own.values() for n in group]
     _remove_hooks(model)
     for fqn, w in wrappers:
-        write_params_(w.base, values[fqn])
+        mine = {p for p in values[fqn] if f"{fqn}.{p}" in untied}
+        write_params_(w.base, {p: v for p, v in values[fqn].items() if p not in mine})
         _set_child(model, fqn, w.base)
+        for p in mine:
+            set_parameter_(model, f"{fqn}.{p}", values[fqn][p])
     model.__dict__.pop(_STATE, None)
     _restore_flags(model, st["requires_grad"])
+    warn_untied(untied, names, model)
     return model
 
 

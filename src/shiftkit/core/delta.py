@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from shiftkit.core.attach import attached_wrappers
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.core.wrapper import ShiftWrapper
-from shiftkit.errors import ShiftkitError, ShiftMismatchError
+from shiftkit.core.tying import (
+    TensorNames,
+    mapping_names,
+    model_names,
+    set_parameter_,
+    split_tied,
+    storage_key,
+    tied_message,
+    warn_untied,
+)
+from shiftkit.errors import ShiftkitError, ShiftMismatchError, TiedWeightsError
 
 __all__ = ["apply_", "base_tensors", "task_vector", "to_delta"]
 
@@ -19,44 +29,47 @@ def base_tensors(model: nn.Module, *, buffers: bool = True) -> dict[str, Tensor]
     """The model's own floating tensors (parameters, and persistent buffers) by their plain names.
 
     Shift wrappers are looked through: ``q.base.weight`` is reported as ``q.weight``. A tensor shared by
-    several modules (tied weights) is reported once, under its first name.
+    several modules (tied weights) is reported once, under its first name; :func:`model_names` has them all.
     """
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-
-    def walk(module: nn.Module, prefix: str) -> None:
-        mod = module.base if isinstance(module, ShiftWrapper) else module
-        items: list[tuple[str, Tensor | None]] = list(mod._parameters.items())
-        if buffers:
-            items += [(n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set]
-        for n, t in items:
-            if t is None or not t.is_floating_point() or id(t) in seen:
-                continue
-            seen.add(id(t))
-            out[prefix + n] = t
-        for n, child in mod._modules.items():
-            if child is not None:
-                walk(child, f"{prefix}{n}.")
-
-    walk(model, "")
-    return out
+    return model_names(model, buffers=buffers).first()
 
 
-def _as_state(obj: nn.Module | Mapping[str, Tensor], role: str) -> dict[str, Tensor]:
+def _as_names(obj: nn.Module | Mapping[str, Tensor], role: str) -> TensorNames:
     if isinstance(obj, nn.Module):
         if attached_wrappers(obj):
             raise ShiftkitError(
                 f"the {role} model has a shift attached; fold it (sk.fold_) or use sk.to_delta for its delta"
             )
-        return base_tensors(obj)
+        return model_names(obj)
     if isinstance(obj, Mapping):
-        return {k: v for k, v in obj.items() if isinstance(v, Tensor) and v.is_floating_point()}
+        return mapping_names(obj)
     raise ShiftkitError(f"the {role} must be an nn.Module or a state dict, got {type(obj).__name__}")
+
+
+def _fill_tied(mine: TensorNames, other: TensorNames) -> dict[str, Tensor]:
+    """``mine``'s tensors by name, plus the names it lacks that ``other`` ties to a name it has.
+
+    A checkpoint stores a tied tensor once (``lm_head.weight`` is absent when the head is tied to the
+    embedding); the model built from it has both names. Filling the missing alias with its tied partner
+    lets a file and a model be compared name by name.
+    """
+    out = dict(mine.tensors)
+    for group in other.shared().values():
+        present = [n for n in group if n in out]
+        for n in group:
+            if n not in out and present:
+                out[n] = out[present[0]]
+    return out
 
 
 @torch.no_grad()
 def task_vector(base: nn.Module | Mapping[str, Tensor], tuned: nn.Module | Mapping[str, Tensor]) -> Shift:
     """``tuned - base`` over every floating tensor, as a ``Shift(method="delta")``.
+
+    Tied weights: the delta names every parameter it changes. When the two models tie ``lm_head`` to the
+    embedding, both names are keys holding one tensor (computed once; saved once), so ``sk.apply_`` changes
+    the shared tensor; when only the base ties them, the two names get their own deltas, and applying them
+    needs ``untie=True``. A checkpoint that stores a tied tensor once is read as tied.
 
     Raises:
         ShiftMismatchError: the two have different keys, shapes or dtypes (the first ones are named).
@@ -65,7 +78,8 @@ def task_vector(base: nn.Module | Mapping[str, Tensor], tuned: nn.Module | Mappi
         >>> tv = sk.task_vector(pretrained, finetuned)
         >>> sk.apply_(other_copy_of_pretrained, tv, scale=0.5)
     """
-    a, b = _as_state(base, "base"), _as_state(tuned, "tuned")
+    na, nb = _as_names(base, "base"), _as_names(tuned, "tuned")
+    a, b = _fill_tied(na, nb), _fill_tied(nb, na)
     if set(a) != set(b):
         raise ShiftMismatchError(
             f"base and tuned have different tensors: only in base {sorted(set(a) - set(b))[:5]}, "
@@ -77,13 +91,22 @@ def task_vector(base: nn.Module | Mapping[str, Tensor], tuned: nn.Module | Mappi
     dtypes = [f"{k}: {a[k].dtype} vs {b[k].dtype}" for k in a if a[k].dtype != b[k].dtype]
     if dtypes:
         raise ShiftMismatchError(f"base and tuned dtypes differ: {'; '.join(dtypes[:5])}")
-    tensors = {k: (b[k].detach() - a[k].detach().to(b[k].device)) for k in a}
+    tensors: dict[str, Tensor] = {}
+    done: dict[tuple[Any, Any], Tensor] = {}  # tied in both: one delta tensor under every name
+    for k in a:
+        pair = (storage_key(a[k]), storage_key(b[k]))
+        if pair not in done:
+            done[pair] = b[k].detach() - a[k].detach().to(b[k].device)
+        tensors[k] = done[pair]
     return Shift(DELTA, None, tensors, {k: tuple(v.shape) for k, v in tensors.items()})
 
 
 @torch.no_grad()
 def to_delta(model: nn.Module) -> Shift:
     """The dense delta of the shift attached to ``model`` (parameter name → ΔW), as a Shift.
+
+    The delta names the parameters of the targeted modules only: a LoRA on a tied ``lm_head`` gives
+    ``lm_head.weight`` and not the embedding, so applying it to a tied model needs ``untie=True``.
 
     Example:
         >>> tv = sk.to_delta(model_with_lora)
@@ -100,11 +123,23 @@ def to_delta(model: nn.Module) -> Shift:
 
 
 @torch.no_grad()
-def apply_(model: nn.Module, delta: Shift, scale: float = 1.0) -> nn.Module:
+def apply_(model: nn.Module, delta: Shift, scale: float = 1.0, *, untie: bool = False) -> nn.Module:
     """Add ``scale · delta`` to the model's tensors in place.
+
+    Tied weights: a shared tensor changes only when the delta names every module sharing it with the same
+    value (a task vector of two tied models). A delta for some of the names only (a LoRA of a tied head,
+    folded with ``sk.to_delta``) or with different values would change the other modules too: refused
+    with :class:`TiedWeightsError`, unless ``untie=True`` gives each named module its own tensor.
+
+    Args:
+        model: any ``nn.Module`` (attached shift wrappers are looked through).
+        delta: a ``Shift(method="delta")`` keyed by parameter name.
+        scale: factor on the delta.
+        untie: let a delta change one of several modules that share a tensor (see above).
 
     Raises:
         ShiftMismatchError: a delta key is not a tensor of the model, or its shape differs.
+        TiedWeightsError: the delta would change tied modules differently and ``untie`` is False.
 
     Example:
         >>> sk.apply_(model, sk.task_vector(base, tuned), scale=0.7)
@@ -112,7 +147,8 @@ def apply_(model: nn.Module, delta: Shift, scale: float = 1.0) -> nn.Module:
     if not isinstance(delta, Shift) or delta.method != DELTA:
         got = delta.method if isinstance(delta, Shift) else type(delta).__name__
         raise ShiftkitError(f"apply_ adds dense deltas (method 'delta'); got {got!r}: use sk.attach_ instead")
-    own = base_tensors(model)
+    names = model_names(model)
+    own = names.tensors
     unknown = sorted(set(delta.tensors) - set(own))
     if unknown:
         raise ShiftMismatchError(
@@ -126,7 +162,21 @@ def apply_(model: nn.Module, delta: Shift, scale: float = 1.0) -> nn.Module:
     ]
     if bad:
         raise ShiftMismatchError(f"delta shapes differ from the model's: {'; '.join(bad[:5])}")
+    split = split_tied(names, delta.tensors)
+    if split and not untie:
+        raise TiedWeightsError(tied_message("sk.apply_", split, names))
+    untied = {n for group in split.values() for n in group}
+    done: set[int] = set()
     for k, d in delta.tensors.items():
+        if k in untied:
+            continue
         t = own[k]
+        if id(t) in done:  # a tied tensor named by all its modules with one value: added once
+            continue
+        done.add(id(t))
         t.add_(d.to(device=t.device, dtype=t.dtype), alpha=scale)
+    for k in sorted(untied, key=list(delta.tensors).index):
+        t, d = own[k], delta.tensors[k]
+        set_parameter_(model, k, t + scale * d.to(device=t.device, dtype=t.dtype))
+    warn_untied(sorted(untied), names, model)
     return model

@@ -1,7 +1,9 @@
 """One self-describing ``.safetensors`` file per shift; atomic writes; never pickle.
 
 Layout: tensors keyed as in :class:`~shiftkit.core.shift.Shift`, and one metadata entry ``"shiftkit"``
-holding JSON ``{"method", "config", "format_version", "shiftkit_version", "base": {name: shape}}``.
+holding JSON ``{"method", "config", "format_version", "shiftkit_version", "base": {name: shape}}``, plus
+``"aliases": {name: stored name}`` when the shift holds one tensor under several names (a task vector of a
+model with tied weights): the tensor is stored once and every name gets it back on load.
 """
 
 from __future__ import annotations
@@ -76,7 +78,11 @@ def save(shift: Shift, path: str | os.PathLike[str]) -> None:
         "shiftkit_version": _version(),
         "base": {k: list(v) for k, v in shift.base.items()},
     }
-    atomic_save_tensors(dict(shift.tensors), path, {META_KEY: json.dumps(meta)})
+    aliases = shift.aliases()
+    if aliases:
+        meta["aliases"] = aliases
+    tensors = {k: t for k, t in shift.tensors.items() if k not in aliases}
+    atomic_save_tensors(tensors, path, {META_KEY: json.dumps(meta)})
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -152,6 +158,13 @@ def load(path: str | os.PathLike[str]) -> Shift:
                 tensors[key] = fh.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CorruptFileError(f"{path}: cannot read tensors ({err})") from None
+    aliases = meta.get("aliases") or {}
+    if not isinstance(aliases, dict):
+        raise CorruptFileError(f"{path}: 'aliases' must map names to stored names")
+    for alias, stored in aliases.items():
+        if stored not in tensors or alias in tensors:
+            raise CorruptFileError(f"{path}: alias {alias!r} of {stored!r} does not fit the stored tensors")
+        tensors[str(alias)] = tensors[stored]
     if method != DELTA:
         for key in tensors:
             try:

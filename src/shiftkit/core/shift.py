@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,22 +59,42 @@ class Shift:
         """Tensor names in insertion order."""
         return list(self.tensors)
 
+    def _unique(self) -> list[Tensor]:
+        # a tensor under several names (a tied embedding and head) is stored and counted once
+        return list({id(t): t for t in self.tensors.values()}.values())
+
     @property
     def nbytes(self) -> int:
-        """Total bytes of the tensors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        """Total bytes of the tensors (a tensor held under several names counts once)."""
+        return sum(t.numel() * t.element_size() for t in self._unique())
 
     @property
     def numel(self) -> int:
-        """Total number of elements of the tensors."""
-        return sum(t.numel() for t in self.tensors.values())
+        """Total number of elements of the tensors (a tensor held under several names counts once)."""
+        return sum(t.numel() for t in self._unique())
+
+    def aliases(self) -> dict[str, str]:
+        """Names that hold the same tensor object as an earlier name: ``{alias: first name}``.
+
+        A task vector of two models with tied weights names the shared tensor under every module that uses
+        it (``model.embed_tokens.weight`` and ``lm_head.weight``); the file stores it once.
+        """
+        first: dict[int, str] = {}
+        out: dict[str, str] = {}
+        for k, t in self.tensors.items():
+            head = first.setdefault(id(t), k)
+            if head != k:
+                out[k] = head
+        return out
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Shift:
         """A copy with floating tensors moved to ``device`` and/or cast to ``dtype``."""
-        out = {}
-        for k, t in self.tensors.items():
-            out[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-        return Shift(self.method, self.config, out, dict(self.base))
+        return Shift(
+            self.method,
+            self.config,
+            _map(self.tensors, lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)),
+            dict(self.base),
+        )
 
     def __repr__(self) -> str:
         return (
@@ -110,17 +130,17 @@ class Shift:
 
     def __add__(self, other: Any) -> Shift:
         o = self._aligned(other, "add")
-        return Shift(DELTA, None, {k: v + o.tensors[k] for k, v in self.tensors.items()}, dict(self.base))
+        return Shift(DELTA, None, _map2(self.tensors, o.tensors, lambda a, b: a + b), dict(self.base))
 
     def __sub__(self, other: Any) -> Shift:
         o = self._aligned(other, "subtract")
-        return Shift(DELTA, None, {k: v - o.tensors[k] for k, v in self.tensors.items()}, dict(self.base))
+        return Shift(DELTA, None, _map2(self.tensors, o.tensors, lambda a, b: a - b), dict(self.base))
 
     def __mul__(self, scalar: Any) -> Shift:
         self._require_delta("multiply")
         if not isinstance(scalar, int | float) or isinstance(scalar, bool):
             raise ShiftkitError(f"a delta can only be multiplied by a number, not {type(scalar).__name__}")
-        return Shift(DELTA, None, {k: v * scalar for k, v in self.tensors.items()}, dict(self.base))
+        return Shift(DELTA, None, _map(self.tensors, lambda t: t * scalar), dict(self.base))
 
     __rmul__ = __mul__
 
@@ -136,6 +156,31 @@ class Shift:
             and torch.allclose(self.tensors[k], other.tensors[k].to(self.tensors[k].dtype), rtol, atol)
             for k in self.tensors
         )
+
+
+def _map(tensors: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """``fn`` of every tensor, computed once per tensor object: names that shared one still do."""
+    done: dict[int, Tensor] = {}
+    out = {}
+    for k, t in tensors.items():
+        if id(t) not in done:
+            done[id(t)] = fn(t)
+        out[k] = done[id(t)]
+    return out
+
+
+def _map2(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], fn: Callable[[Tensor, Tensor], Tensor]
+) -> dict[str, Tensor]:
+    """``fn(a[k], b[k])`` for every key, computed once per pair of tensor objects."""
+    done: dict[tuple[int, int], Tensor] = {}
+    out = {}
+    for k, t in a.items():
+        pair = (id(t), id(b[k]))
+        if pair not in done:
+            done[pair] = fn(t, b[k])
+        out[k] = done[pair]
+    return out
 
 
 def split_key(key: str, modules: Mapping[str, Any]) -> tuple[str, str]:

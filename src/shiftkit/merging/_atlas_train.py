@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from shiftkit.core.attach import attached_wrappers
-from shiftkit.core.delta import base_tensors
 from shiftkit.core.shift import DELTA, Shift
+from shiftkit.core.tying import collapse_tied, model_names
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging._ops import key_seed
 
@@ -171,12 +171,20 @@ class AtlasBlocks:
             raise ShiftkitError(f"partitions must be >= 1, got {partitions}")
         if partitions > 1 and not blockwise:
             raise ShiftkitError("partitions > 1 splits blocks: it needs blockwise=True")
-        own = base_tensors(model)
+        names = model_names(model)
+        own = names.first()
+        tvs: list[dict[str, Tensor]] = []
         for i, tv in enumerate(task_vectors):
             if not isinstance(tv, Shift) or tv.method != DELTA:
                 got = tv.method if isinstance(tv, Shift) else type(tv).__name__
                 raise ShiftkitError(f"task vector {i} must be a delta Shift (sk.task_vector), got {got!r}")
-            for k, t in tv.tensors.items():
+            # a tied tensor (embedding = head) is one block, named once; a delta splitting it is refused
+            unknown = [k for k in tv.tensors if k not in names.canonical]
+            tied = collapse_tied(
+                names, {k: t for k, t in tv.tensors.items() if k not in unknown}, "learn_atlas"
+            )
+            tvs.append({**tied, **{k: tv.tensors[k] for k in unknown}})
+            for k, t in tvs[-1].items():
                 if not t.is_floating_point():
                     continue  # integer buffers carry no shift (spec §0.2)
                 if k not in own:
@@ -192,7 +200,7 @@ class AtlasBlocks:
                 # one reduction first (cheap); the elementwise check only when the sum is not finite
                 if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
                     raise ShiftkitError(f"task vector {i} has NaN or Inf in {k!r}")
-        used = {k for tv in task_vectors for k, t in tv.tensors.items() if t.is_floating_point()}
+        used = {k for tv in tvs for k, t in tv.items() if t.is_floating_point()}
         if not used:
             raise ShiftkitError("the task vectors have no floating tensor: nothing to scale")
         # blocks are the model's parameters (spec §3.1); a buffer in a task vector (BatchNorm running
@@ -208,12 +216,7 @@ class AtlasBlocks:
         # τ_{t,b} in the base dtype and device (spec §3.3: T full vectors stay resident); None = missing
         # from that task vector, i.e. a zero shift whose coefficient never gets a gradient
         self.taus: list[list[Tensor | None]] = [
-            [
-                tv.tensors[k].detach().to(device=own[k].device, dtype=own[k].dtype)
-                if k in tv.tensors
-                else None
-                for tv in task_vectors
-            ]
+            [tv[k].detach().to(device=own[k].device, dtype=own[k].dtype) if k in tv else None for tv in tvs]
             for k in self.keys
         ]
         self.n_tasks = len(task_vectors)

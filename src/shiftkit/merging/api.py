@@ -92,6 +92,25 @@ def _check_inputs(shifts: Sequence[Shift], on_missing: str) -> list[str]:
     return keys
 
 
+def _common_aliases(shifts: Sequence[Shift], keys: list[str]) -> dict[str, str]:
+    """Names that hold the same tensor as an earlier name in every input (tied weights): merged once.
+
+    A task vector of a model with tied weights names the shared tensor under each module; when every input
+    ties the same names, the merge computes the tensor once and names it the same way (a seeded method such
+    as DARE would otherwise draw different masks for the two names and untie them).
+    """
+    per = [s.aliases() for s in shifts]
+    out: dict[str, str] = {}
+    for k in keys:
+        head = next(a.get(k) for s, a in zip(shifts, per) if k in s.tensors)
+        if head is not None and all(
+            (k in s.tensors) == (head in s.tensors) and (k not in s.tensors or a.get(k) == head)
+            for s, a in zip(shifts, per)
+        ):
+            out[k] = head
+    return out
+
+
 def _tensor_local(method: str, weights: list[float], params: dict[str, Any]) -> bool:
     """True if merged tensor ``k`` depends on the inputs' tensors ``k`` only (spec §0.5)."""
     factory = MERGE_PLANS.get(method)
@@ -176,16 +195,16 @@ def merge(
         if not all(math.isfinite(w) for w in ws):
             raise ShiftkitError(f"merge weights must be finite, got {ws}")
     ref = {k: next(s.tensors[k] for s in deltas if k in s.tensors) for k in keys}
+    aliases = _common_aliases(deltas, keys)
+    own = [k for k in keys if k not in aliases]
     if on_missing == "skip":
-        out = _merge_skip(fn, deltas, keys, ws, method, params)
+        out = _merge_skip(fn, deltas, own, ws, method, params)
     else:
         tensors = [
-            {
-                k: (s.tensors[k] if k in s.tensors else torch.zeros_like(ref[k])).to(torch.float32)
-                for k in keys
-            }
+            {k: (s.tensors[k] if k in s.tensors else torch.zeros_like(ref[k])).to(torch.float32) for k in own}
             for s in deltas
         ]
         out = fn(tensors, ws, **params)
-    merged = {k: out[k].to(ref[k].dtype) for k in keys}
+    merged = {k: out[k].to(ref[k].dtype) for k in own}
+    merged = {k: merged[aliases.get(k, k)] for k in keys}
     return Shift(DELTA, None, merged, {k: tuple(v.shape) for k, v in merged.items()})

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shiftkit.errors import CorruptFileError, ShiftkitError, ShiftMismatchError
+from shiftkit.errors import CorruptFileError, ShiftkitError, ShiftMismatchError, TiedWeightsError
 from shiftkit.merging._shards import ST_TO_TORCH, ShardedWriter, dtype_name, parse_size
 
 __all__ = [
@@ -313,6 +313,24 @@ class KeyLayout:
     ref: Checkpoint  # the checkpoint whose shapes/dtypes define the output
 
 
+def _refuse_untying(ref: Checkpoint, extra: dict[str, list[str]]) -> None:
+    """A model tensor the base lacks because the base ties it (``tie_word_embeddings``): say so."""
+    config = ref.path / "config.json" if ref.kind == "hf-folder" else None
+    try:
+        tied = config is not None and bool(json.loads(config.read_text()).get("tie_word_embeddings"))
+    except (OSError, ValueError):
+        tied = False
+    if not tied:
+        return
+    names = sorted(extra)[:3]
+    raise TiedWeightsError(
+        f"{names} are not tensors of their own in the base: it ties its output head to its input embedding "
+        f"(tie_word_embeddings: true in {config}) and stores them once. A model or shift that changes the "
+        "head apart from the embedding unties them, which a streaming merge does not do: load the base, "
+        "sk.attach_ the shift, sk.fold_(model, untie=True) and save_pretrained the result"
+    )
+
+
 def align_keys(base: Checkpoint | None, models: list[Checkpoint], on_missing: str) -> KeyLayout:
     """Align the inputs' tensor names: merged keys, keys copied from the base, participating models per key.
 
@@ -344,6 +362,7 @@ def align_keys(base: Checkpoint | None, models: list[Checkpoint], on_missing: st
             if s is not None and s != rs:
                 problems.append(f"{k}: {ck.path.name} {s} vs base {rs}")
     if extra:
+        _refuse_untying(ref, extra)
         sample = {k: v for k, v in list(extra.items())[:5]}
         raise ShiftMismatchError(
             f"{len(extra)} tensor(s) are in models but not in the base (or are not floating there): {sample}"

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from shiftkit.core import functional as skf
-from shiftkit.core.delta import base_tensors
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.targets import iter_base_modules
+from shiftkit.core.tying import model_names
 from shiftkit.core.wrapper import is_shift_module
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.methods.lora import LoRAConfig
@@ -176,7 +176,7 @@ def _saved_deltas(
             f"the LoRA shift carries modules_to_save {mods[:5]}: their tensors are trained values, not "
             "changes; pass base= (the base model or its state dict) to turn them into deltas"
         )
-    own = base_tensors(base) if isinstance(base, nn.Module) else dict(base)
+    own = model_names(base).tensors if isinstance(base, nn.Module) else dict(base)  # tied aliases too
     out: dict[str, tuple[Tensor, torch.dtype]] = {}
     for key, value in saved.items():
         name = key.replace(".saved.", ".", 1)
