@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 import shiftkit as sk
 from conftest import need_asset
-from tiny_models import TinyCNN, make
+from tiny_models import TinyCNN, make, make_tied_llama
 
 peft = pytest.importorskip("peft")
 
@@ -24,7 +25,7 @@ Forward = Callable[[nn.Module], Tensor]
 
 # --- helpers ------------------------------------------------------------------------------------------
 def _hf(name: str) -> tuple[nn.Module, Tensor]:
-    model, x = make(name)
+    model, x = make_tied_llama() if name == "tiny_llama_tied" else make(name)
     return model.hf, x  # type: ignore[return-value]
 
 
@@ -90,6 +91,8 @@ def _close(a: Tensor, b: Tensor) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+IA3_TARGETS = ["k_proj", "v_proj", "up_proj", "down_proj"]
+
 # (name, tiny model, PEFT config, the equivalent shiftkit config, PEFT task type)
 CASES: list[tuple[str, str, Callable[[], Any], Callable[[], sk.ShiftConfig], str | None]] = [
     (
@@ -114,7 +117,46 @@ CASES: list[tuple[str, str, Callable[[], Any], Callable[[], sk.ShiftConfig], str
         ),
         None,
     ),
+    (
+        # tied embeddings (SmolLM2's layout): PEFT's unmerged forward is what the shift computes
+        "lora-llama-tied",
+        "tiny_llama_tied",
+        lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens", "lm_head"]),
+        lambda: sk.LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens", "lm_head"]),
+        None,
+    ),
+    (
+        "lora-llama-regex",
+        "tiny_llama",
+        lambda: peft.LoraConfig(r=2, target_modules=r".*\.(q|v)_proj"),
+        lambda: sk.LoRAConfig(r=2, target_modules=r".*\.(q|v)_proj"),
+        None,
+    ),
+    (
+        "lora-bert-all-linear-gaussian",
+        "tiny_bert",
+        lambda: peft.LoraConfig(
+            r=3, target_modules="all-linear", init_lora_weights="gaussian", lora_dropout=0.1
+        ),
+        lambda: sk.LoRAConfig(
+            r=3, target_modules="all-linear", init_lora_weights="gaussian", lora_dropout=0.1
+        ),
+        None,
+    ),
     ("ia3-llama", "tiny_llama", lambda: peft.IA3Config(), lambda: sk.IA3Config(), None),
+    (
+        "ia3-llama-feedforward",
+        "tiny_llama",
+        lambda: peft.IA3Config(
+            target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
+            feedforward_modules=["up_proj", "down_proj"],
+        ),
+        lambda: sk.IA3Config(
+            target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
+            feedforward_modules=["up_proj", "down_proj"],
+        ),
+        None,
+    ),
     ("ia3-bert", "tiny_bert", lambda: peft.IA3Config(), lambda: sk.IA3Config(), None),
     (
         "prompt-llama",
@@ -232,6 +274,71 @@ def test_convolutions(kind: str, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = forward(shifted)
     _close(_peft_from_ours(shifted, base, tmp_path / "o", forward), expected)
+
+
+def test_tied_embeddings_with_peft_weight_tying(tmp_path: Path) -> None:
+    """PEFT's ``ensure_weight_tying`` ties the head's LoRA to the embedding's; the file holds both: exact."""
+    base, x = _hf("tiny_llama_tied")
+    forward = _ids_forward(x)
+    config = peft.LoraConfig(r=2, target_modules=["embed_tokens", "lm_head"], ensure_weight_tying=True)
+    reference = _peft_adapter(base, config, tmp_path / "p")
+    with torch.no_grad():
+        expected = forward(reference)
+    _close(_ours_from_peft(tmp_path / "p", base, forward), expected)
+    # the two LoRAs give the shared tensor one ΔW, so shiftkit folds it once and keeps the tie; PEFT's
+    # own merge adds both into the shared tensor (twice)
+    fresh = copy.deepcopy(base)
+    sk.attach_(fresh, sk.import_peft(tmp_path / "p", model=fresh))
+    sk.fold_(fresh)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    with torch.no_grad():
+        _close(forward(fresh), expected)
+        merged = forward(reference.merge_and_unload())
+    assert float((merged - expected).abs().max()) > 1.0  # PEFT's merged model is not its adapter
+
+
+def _conv_model(conv: nn.Conv2d) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        return nn.Sequential(conv, nn.ReLU(), nn.Flatten()).eval()
+
+
+def test_dilated_convolution_warns_and_matches_peft_merged_weights(tmp_path: Path) -> None:
+    base = _conv_model(nn.Conv2d(3, 4, 3, padding=2, dilation=2))
+    x = torch.randn(2, 3, 7, 7)
+    reference = _peft_adapter(base, peft.LoraConfig(r=2, target_modules=["0"]), tmp_path / "p")
+    with pytest.raises(RuntimeError):  # PEFT's unmerged branch runs lora_A without the dilation
+        reference(x)
+    fresh = copy.deepcopy(base)
+    with pytest.warns(
+        UserWarning, match=r"dilated \(dilation=\(2, 2\)\).*PEFT's unmerged LoRA branch ignores"
+    ):
+        shift = sk.import_peft(tmp_path / "p", model=fresh)
+    sk.attach_(fresh, shift)
+    with torch.no_grad():
+        ours = fresh(x)
+        merged = reference.merge_and_unload()(x)  # PEFT's merged weights apply the dilation: equal
+    _close(ours, merged)
+    with pytest.warns(UserWarning, match="dilated"):
+        sk.export_peft(fresh, tmp_path / "back")
+    # a 1×1 kernel is not affected by dilation: no warning
+    one = _conv_model(nn.Conv2d(3, 4, 1, dilation=2))
+    _peft_adapter(one, peft.LoraConfig(r=2, target_modules=["0"]), tmp_path / "one")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.import_peft(tmp_path / "one", model=copy.deepcopy(one))
+
+
+def test_grouped_convolution_is_refused_for_its_real_reason(tmp_path: Path) -> None:
+    base = _conv_model(nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    with pytest.warns(UserWarning, match="groups > 1"):  # PEFT itself warns that it cannot merge it
+        _peft_adapter(base, peft.LoraConfig(r=8, target_modules=["0"]), tmp_path / "p")
+    for model in (copy.deepcopy(base), None):  # with the model, and from the tensors alone
+        with pytest.raises(sk.ShiftkitError, match=r"grouped Conv2d \(groups=2\)") as err:
+            sk.import_peft(tmp_path / "p", model=model)
+        assert "rank" not in str(err.value)
+    with pytest.raises(sk.ShiftkitError, match="groups=1"):  # attaching directly says the same
+        sk.attach_(copy.deepcopy(base), sk.LoRAConfig(r=8, target_modules=["0"]))
 
 
 def test_prefix_maps_a_classifier_encoder_to_the_plain_peft_model(tmp_path: Path) -> None:

@@ -14,10 +14,12 @@ conversion only renames keys and translates the config.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,16 @@ from shiftkit.core.shift import Shift, split_key
 from shiftkit.core.targets import iter_base_modules, match_names
 from shiftkit.core.wrapper import is_shift_module
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
-from shiftkit.methods._peft_import import CONFIG_NAME, PEFT_TYPES, WEIGHTS_NAME, read_adapter
+from shiftkit.methods._peft_import import (
+    CONFIG_NAME,
+    PEFT_TYPES,
+    WEIGHTS_NAME,
+    read_adapter,
+    warn_if_dilated,
+)
 from shiftkit.methods.ia3 import IA3Config
 from shiftkit.methods.lora import LoRAConfig
-from shiftkit.methods.prompt_tuning import PromptTuningConfig
+from shiftkit.methods.prompt_tuning import DROP_TOKEN_TYPES, PromptTuningConfig, find_input_embeddings
 
 __all__ = ["export_peft", "import_peft"]
 
@@ -64,7 +72,11 @@ def export_peft(
             of the same square shape look alike but have different PEFT names: without a model a square
             base is taken for a Linear (embedding tables have far more rows than columns).
         task_type: PEFT's task type (``"CAUSAL_LM"``, ``"FEATURE_EXTRACTION"``, ``"SEQ_CLS"``, ...). Required
-            for prompt tuning, because PEFT picks the model wrapper that prepends the prompt from it.
+            for prompt tuning, because PEFT picks the model wrapper that prepends the prompt from it;
+            defaults to the prompt-tuning config's own ``task_type``. A task type whose PEFT wrapper treats
+            ``token_type_ids`` differently from the shift's (PEFT's causal-LM, feature-extraction and
+            question-answering wrappers drop them) is refused when the config names one and warned
+            about when it does not.
         base_model_name_or_path: recorded in the config (PEFT uses it to find the base model).
         prefix: name of the PEFT base model inside the shifted model (``"encoder"``); ``""`` for the root.
 
@@ -80,6 +92,8 @@ def export_peft(
     if not isinstance(shift, Shift) or shift.method not in PEFT_TYPES:
         got = shift.method if isinstance(shift, Shift) else type(shift).__name__
         raise ShiftkitError(f"export_peft writes lora, ia3 and prompt_tuning shifts, got {got!r}")
+    if task_type is None and isinstance(shift.config, PromptTuningConfig):
+        task_type = shift.config.task_type
     if task_type is not None and task_type not in TASK_TYPES:
         raise ShiftkitError(f"task_type must be one of {TASK_TYPES} or None, got {task_type!r}")
     prefix = prefix.strip(".")
@@ -110,7 +124,7 @@ def export_peft(
     elif shift.method == "ia3":
         body.update(_export_ia3(shift, by_module, tensors, prefix))
     else:
-        body.update(_export_prompt(shift, by_module, tensors, task_type))
+        body.update(_export_prompt(shift, by_module, tensors, task_type, model))
     _write_folder(Path(path), tensors, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
@@ -144,8 +158,14 @@ def _export_lora(
 ) -> dict[str, Any]:
     config = shift.config
     assert isinstance(config, LoRAConfig)
+    modules = dict(iter_base_modules(model)) if model is not None else {}
     for fqn, roles in by_module.items():
         name, a, b = _peft_name(fqn, prefix), roles["lora_A"], roles["lora_B"]
+        conv = modules.get(fqn)
+        if conv is not None and is_shift_module(conv):
+            conv = conv.get_submodule("base")
+        if isinstance(conv, nn.Conv2d):
+            warn_if_dilated(fqn, conv, "runs in")
         if a.dim() == 2 and _is_embedding(fqn, a, b, shift.base[fqn], model):
             out[f"base_model.model.{name}.lora_embedding_A"] = a
             out[f"base_model.model.{name}.lora_embedding_B"] = b
@@ -206,7 +226,11 @@ def _export_ia3(
 
 
 def _export_prompt(
-    shift: Shift, by_module: dict[str, dict[str, Tensor]], out: dict[str, Tensor], task_type: str | None
+    shift: Shift,
+    by_module: dict[str, dict[str, Tensor]],
+    out: dict[str, Tensor],
+    task_type: str | None,
+    model: nn.Module | None,
 ) -> dict[str, Any]:
     config = shift.config
     assert isinstance(config, PromptTuningConfig)
@@ -217,6 +241,21 @@ def _export_prompt(
         raise ShiftkitError(
             "export_peft needs task_type for prompt tuning (PEFT prepends the prompt in its task wrapper): "
             f"one of {[t for t in TASK_TYPES if t != 'SEQ_2_SEQ_LM']}"
+        )
+    drops = task_type in DROP_TOKEN_TYPES
+    if config.task_type is not None and drops != (config.task_type in DROP_TOKEN_TYPES):
+        raise ShiftkitError(
+            f"the prompt was trained with task_type={config.task_type!r}; PEFT's {task_type} wrapper treats "
+            "token_type_ids differently (it "
+            + ("drops them" if drops else "prepends zeros")
+            + "), so the adapter would compute something else: export with that task type"
+        )
+    if config.task_type is None and drops and _takes_token_types(model):
+        warnings.warn(
+            f"PEFT's {task_type} wrapper drops token_type_ids, while this shift (task_type=None) prepends "
+            "zeros to them: on inputs with token_type_ids (sentence pairs) PEFT will compute something "
+            f"else; set PromptTuningConfig(task_type={task_type!r}) when training to match it",
+            stacklevel=3,
         )
     out["prompt_embeddings"] = prompts[0]
     text = config.init_text is not None and config.tokenizer_name_or_path is not None
@@ -231,6 +270,14 @@ def _export_prompt(
         "tokenizer_name_or_path": config.tokenizer_name_or_path if text else None,
         "tokenizer_kwargs": None,
     }
+
+
+def _takes_token_types(model: nn.Module | None) -> bool:
+    """Whether the model that owns the input embedding accepts ``token_type_ids`` (unknown: True)."""
+    if model is None:
+        return True
+    owners = find_input_embeddings(model)
+    return any("token_type_ids" in inspect.signature(o.forward).parameters for _, o in owners.values())
 
 
 def _write_folder(target: Path, tensors: dict[str, Tensor], config_json: str) -> None:

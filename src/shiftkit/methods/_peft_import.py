@@ -27,7 +27,12 @@ from shiftkit.core.wrapper import is_shift_module
 from shiftkit.errors import CorruptFileError, ShiftkitError, ShiftMismatchError
 from shiftkit.methods.ia3 import IA3Config
 from shiftkit.methods.lora import LoRAConfig
-from shiftkit.methods.prompt_tuning import PromptTuningConfig, find_input_embeddings
+from shiftkit.methods.prompt_tuning import (
+    DROP_TOKEN_TYPES,
+    PREPEND_TOKEN_TYPES,
+    PromptTuningConfig,
+    find_input_embeddings,
+)
 
 __all__ = ["CONFIG_NAME", "PEFT_TYPES", "WEIGHTS_NAME", "read_adapter"]
 
@@ -326,6 +331,7 @@ def _lora_shift(
             kind, shape = nn.Linear, (b.shape[0], a.shape[1])
         elif a.dim() == 4:
             kind, shape = nn.Conv2d, (b.shape[0], *a.shape[1:])
+            _check_conv(fqn, a, b, r, modules)
         else:
             raise ShiftkitError(
                 f"LoRA on {fqn!r}: lora_A has shape {tuple(a.shape)}; only Linear, Conv2d, Embedding"
@@ -348,6 +354,39 @@ def _lora_shift(
         modules_to_save=tuple(k for k in base if k not in found),
     )
     return Shift("lora", lora, out, base)
+
+
+def _check_conv(fqn: str, a: Tensor, b: Tensor, r: int, modules: dict[str, nn.Module] | None) -> None:
+    """Name the real reason a Conv2d LoRA cannot be read (groups), and warn about dilated convolutions."""
+    conv = modules.get(fqn) if modules is not None else None
+    groups = conv.groups if isinstance(conv, nn.Conv2d) else None
+    if groups is None and b.shape[1] != r and b.shape[1] > 0 and r % b.shape[1] == 0:
+        groups = r // b.shape[1]  # PEFT's lora_B of a grouped conv has r/groups input channels
+    if groups is not None and groups != 1:
+        raise ShiftkitError(
+            f"LoRA on {fqn!r}: the layer is a grouped Conv2d (groups={groups}); shiftkit's LoRA supports "
+            "Conv2d with groups=1 only (PEFT's grouped-conv LoRA, whose lora_B is itself grouped, cannot "
+            "be folded into the grouped weight either)"
+        )
+    if isinstance(conv, nn.Conv2d):
+        warn_if_dilated(fqn, conv, "was trained with")
+
+
+def warn_if_dilated(fqn: str, conv: nn.Conv2d, verb: str) -> None:
+    """Warn that PEFT's unmerged LoRA branch of a dilated Conv2d computes something else than shiftkit's.
+
+    PEFT 0.21.2 builds ``lora_A`` with the base conv's kernel, stride and padding but not its dilation, so
+    its forward either fails on mismatched shapes or, where they happen to fit, computes a different
+    branch; shiftkit applies the dilation (what PEFT's own merged weights compute).
+    """
+    dilated = any(d != 1 for d in conv.dilation) and any(k > 1 for k in conv.kernel_size)
+    if dilated:
+        warnings.warn(
+            f"LoRA on {fqn!r}: the Conv2d is dilated (dilation={tuple(conv.dilation)}); PEFT's unmerged "
+            f"LoRA branch ignores the dilation while shiftkit applies it, so an adapter that {verb} PEFT "
+            "computes differently in the two (PEFT's merged weights agree with shiftkit)",
+            stacklevel=4,
+        )
 
 
 def _read_prompt(
@@ -373,12 +412,18 @@ def _read_prompt(
             f"prompt_embeddings has shape {tuple(prompt.shape)}, expected (num_virtual_tokens={p}, {dim})"
         )
     init = _INIT_NAMES.get(str(config.get("prompt_tuning_init") or "RANDOM"), "random")
+    task = config.get("task_type")
+    if task not in (*PREPEND_TOKEN_TYPES, *DROP_TOKEN_TYPES):
+        raise ShiftkitError(
+            f"prompt-tuning adapter with task_type {task!r}: not a PEFT task type shiftkit knows"
+        )
     text, tokenizer = config.get("prompt_tuning_init_text"), config.get("tokenizer_name_or_path")
     pt = PromptTuningConfig(
         num_virtual_tokens=int(prompt.shape[0]),
         init="random" if init == "text" else init,  # the token ids of a TEXT init are not in the file
         init_text=text if init == "text" else None,
         tokenizer_name_or_path=tokenizer if init == "text" else None,
+        task_type=task,  # PEFT's wrapper for this task type decides what happens to token_type_ids
         target_modules=(fqn,),
         modules_to_save=tuple(saved),
     )

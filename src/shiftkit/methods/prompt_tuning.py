@@ -1,10 +1,18 @@
 """Prompt tuning: soft tokens prepended to the input embeddings (Lester et al., EMNLP 2021, arXiv:2104.08691).
 
 ``inputs_embeds' = [P; E(input_ids)]`` with ``P ∈ R^{p×d}`` broadcast over the batch; the model is frozen.
-Semantics follow PEFT 0.21.2 (its causal-LM, feature-extraction and sequence-classification wrappers):
-the attention mask gets ``p`` leading ones, ``token_type_ids`` ``p`` leading zeros, causal-LM ``labels``
-``p`` leading ``-100`` (ignored by the loss), and ``position_ids`` are dropped with a warning (the model then
-numbers all ``p + T`` positions itself). The output therefore has ``p`` extra leading positions.
+Semantics follow PEFT 0.21.2's task wrappers: the attention mask gets ``p`` leading ones, token-level
+``labels`` ``p`` leading ``-100`` (ignored by the loss), and ``position_ids`` are dropped with a warning (the
+model then numbers all ``p + T`` positions itself). The output therefore has ``p`` extra leading positions.
+``token_type_ids`` depend on PEFT's task type (``PromptTuningConfig.task_type``): its sequence- and token-
+classification wrappers prepend ``p`` zeros (the prompt is segment A); its causal-LM and feature-extraction
+wrappers drop them with a warning, and its question-answering wrapper drops them silently (a named
+argument it never passes on), so every token, the second sentence of a pair included, is segment 0.
+Without a task type shiftkit prepends zeros, which keeps a sentence pair's segments; set ``task_type`` to
+compute exactly what that PEFT wrapper computes.
+Two documented differences, both where PEFT's wrapper cannot run: token-classification ``labels`` get the
+``-100`` prefix too (PEFT leaves them one row short of the logits, which the loss rejects), and
+sequence-to-sequence models are not supported.
 In cached generation steps the prompt is already in the cache: only the attention mask is extended.
 
 Not foldable: the shift lives in the input space and costs ``p`` extra tokens at inference.
@@ -21,7 +29,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +42,11 @@ from shiftkit.errors import NotFoldableError, ShiftkitError, TargetNotFoundError
 __all__ = ["PromptTuningConfig", "PromptTuningEmbedding", "find_input_embeddings"]
 
 _INITS = ("random", "sample_vocab", "text")
+#: PEFT task types whose wrapper prepends ``p`` zeros to ``token_type_ids`` (None: shiftkit's default)
+PREPEND_TOKEN_TYPES: tuple[str | None, ...] = (None, "SEQ_CLS", "TOKEN_CLS")
+#: PEFT task types whose wrapper drops ``token_type_ids``: causal LM and feature extraction in
+#: ``_adjust_prompt_learning_kwargs``, question answering by never forwarding its named argument
+DROP_TOKEN_TYPES: tuple[str, ...] = ("QUESTION_ANS", "CAUSAL_LM", "FEATURE_EXTRACTION")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +65,10 @@ class PromptTuningConfig(ShiftConfig):
         init_token_ids: token ids for ``init="text"``; build them with :meth:`from_text`.
         init_text: the text those ids came from (a record; written to PEFT exports).
         tokenizer_name_or_path: the tokenizer that produced them (a record; written to PEFT exports).
+        task_type: PEFT's task type, whose wrapper's handling of ``token_type_ids`` the shift reproduces:
+            ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` prepend ``p`` zeros; ``"QUESTION_ANS"``, ``"CAUSAL_LM"``
+            and ``"FEATURE_EXTRACTION"`` drop them. ``None`` (default) prepends zeros. Set by
+            ``sk.import_peft`` and used as the default of ``sk.export_peft``.
 
     Example:
         >>> sk.attach_(bert, sk.PromptTuningConfig(num_virtual_tokens=8))
@@ -64,9 +81,19 @@ class PromptTuningConfig(ShiftConfig):
     init_token_ids: tuple[int, ...] | None = None
     init_text: str | None = None
     tokenizer_name_or_path: str | None = None
+    task_type: str | None = None
+
+    # 2: task_type (PEFT's token_type_ids handling per task wrapper); version-1 files load with None
+    version: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.task_type not in (*PREPEND_TOKEN_TYPES, *DROP_TOKEN_TYPES):
+            raise ShiftkitError(
+                f"PromptTuningConfig.task_type must be None or one of "
+                f"{[t for t in (*PREPEND_TOKEN_TYPES, *DROP_TOKEN_TYPES) if t]}, got {self.task_type!r} "
+                "(sequence-to-sequence prompt tuning is not supported)"
+            )
         p = self.num_virtual_tokens
         if isinstance(p, bool) or not isinstance(p, int) or p < 0:
             raise ShiftkitError(f"PromptTuningConfig.num_virtual_tokens must be an integer >= 0, got {p!r}")
@@ -182,6 +209,7 @@ class PromptTuningEmbedding(ShiftWrapper):
     def __init__(self, base: nn.Embedding, config: PromptTuningConfig) -> None:
         super().__init__(base)
         self.num_virtual_tokens = config.num_virtual_tokens
+        self.drop_token_types = config.task_type in DROP_TOKEN_TYPES
         self.prompt_embeddings = nn.Parameter(_init_prompt(base.weight, config))
         # hook id and owner path, not the handle: a deep copy of the model copies the owner's hook dict
         # (same id, the bound method re-bound to the copied wrapper), and on_detach finds it by id
@@ -257,7 +285,14 @@ class PromptTuningEmbedding(ShiftWrapper):
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         kwargs["input_ids"] = None
         types = kwargs.get("token_type_ids")
-        if isinstance(types, Tensor):
+        if isinstance(types, Tensor) and self.drop_token_types:
+            warnings.warn(
+                "prompt tuning ignores token_type_ids with a question-answering, causal-LM or "
+                "feature-extraction task type (as PEFT's wrappers for these task types do)",
+                stacklevel=2,
+            )
+            kwargs["token_type_ids"] = None
+        elif isinstance(types, Tensor):
             kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, p), types], dim=1)
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor) and _token_labels(labels, embeds.shape[1]):  # causal-LM labels
