@@ -31,7 +31,10 @@ def recipe(tmp_path: Path) -> Path:
     data = {
         "merge_method": "task_arithmetic",
         "base_model": "base.safetensors",
-        "models": [{"model": "ft0.safetensors"}, {"model": "ft1.safetensors", "parameters": {"weight": 0.5}}],
+        "models": [
+            {"model": "ft0.safetensors", "parameters": {"weight": 1.0}},
+            {"model": "ft1.safetensors", "parameters": {"weight": 0.5}},
+        ],
         "parameters": {"lambda": 0.5},
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))

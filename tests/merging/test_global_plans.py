@@ -16,7 +16,8 @@ import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.merging._kth import KthLargestMagnitude, OrderStatistics, decode_key, order_key
 from shiftkit.merging._ops import topk_magnitude, topk_mask
-from shiftkit.merging.plan import MERGE_PLANS, run_plan_in_memory
+from shiftkit.merging.plan import run_plan_in_memory
+from shiftkit.merging.registry import MERGE_METHODS, get_merge_method
 
 
 def chunks(seed: int, kind: str) -> list[Tensor]:
@@ -112,7 +113,7 @@ def as_shifts(tensors: list[dict[str, Tensor]]) -> list[Shift]:
 
 def check_plan(method: str, tensors: list[dict[str, Tensor]], **params: object) -> None:
     weights = [1.0] * len(tensors)
-    plan = MERGE_PLANS[method](weights, **params)
+    plan = get_merge_method(method).plan(weights, **params)
     assert plan is not None
     streamed = run_plan_in_memory(plan, tensors, weights)
     merged = sk.merge(as_shifts(tensors), method=method, **params)
@@ -132,7 +133,7 @@ def test_ties_plan_global_majority_sign_matters() -> None:
     # two tasks with exactly opposite entries everywhere but one: every vote ties except index 0 (negative)
     a = {"x": torch.tensor([-2.0, 1.0, -1.0]), "y": torch.tensor([3.0])}
     b = {"x": torch.tensor([-1.0, -1.0, 1.0]), "y": torch.tensor([-3.0])}
-    plan = MERGE_PLANS["ties"]([1.0, 1.0], semantics="paper", density=1.0)
+    plan = get_merge_method("ties").plan([1.0, 1.0], semantics="paper", density=1.0)
     out = run_plan_in_memory(plan, [a, b], [1.0, 1.0])
     torch.testing.assert_close(out["x"], torch.tensor([-1.5, -1.0, -1.0]))
     torch.testing.assert_close(out["y"], torch.tensor([-3.0]))
@@ -147,7 +148,10 @@ def test_pcb_plan_equals_merge(tie_heavy: bool, inter: str) -> None:
 
 
 def test_plan_factories_return_none_when_tensor_local() -> None:
-    factories: dict[str, Callable[..., object]] = MERGE_PLANS  # type: ignore[assignment]
+    factories: dict[str, Callable[..., object]] = {
+        name: spec.plan for name, spec in MERGE_METHODS.items() if spec.plan is not None
+    }
+    assert set(factories) == {"ties", "pcb"}
     assert factories["ties"]([1.0, 2.0], semantics="mergekit") is None
     assert factories["ties"]([1.0, 1.0], semantics="peft") is None
     assert factories["pcb"]([1.0, 1.0], scope="per_tensor") is None

@@ -31,7 +31,7 @@ def test_lean_ties_kernel_is_bit_identical(
     if quantised:  # many equal magnitudes: the exact-k tie rule (lower flat index first) decides
         taus = [torch.round(t * 2) / 2 for t in taus]
     full = {"semantics": "mergekit", "lambda_": 1.0, "consensus": "sum", "normalize": True, **params}
-    want = MERGE_METHODS.get("ties")([{"w": t} for t in taus], weights, **full)["w"]
+    want = MERGE_METHODS.get("ties").fn([{"w": t} for t in taus], weights, **full)["w"]
     acc = torch.zeros(13, 29)
     streaming.ties_into_(acc, [t.clone() for t in taus], weights, full)
     assert torch.equal(acc, want)
@@ -75,7 +75,7 @@ def test_lean_dare_ties_kernel_equals_registered(
     taus = [torch.randn(11, 23, generator=gen) for _ in range(3)]
     weights = [1.0, 0.6, -0.4]
     full = {"semantics": "mergekit", "lambda_": 1.0, "consensus": "sum", "normalize": False, **params}
-    want = MERGE_METHODS.get("dare_ties")([{"fc.w": t} for t in taus], weights, **full)["fc.w"]
+    want = MERGE_METHODS.get("dare_ties").fn([{"fc.w": t} for t in taus], weights, **full)["fc.w"]
     acc = torch.zeros(11, 23)
     streaming.dare_ties_into_(acc, [t.clone() for t in taus], weights, full, "fc.w")
     assert torch.equal(acc, want)

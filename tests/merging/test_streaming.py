@@ -4,6 +4,7 @@ atomic output; key policy; a multi-pass plan driver; the streaming safetensors w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging import plan as plan_mod
 from shiftkit.merging.checkpoints import ShardedWriter, open_checkpoint, parse_size, read_safetensors_header
-from shiftkit.merging.registry import MERGE_METHODS
+from shiftkit.merging.registry import MERGE_METHODS, MergeSpec
 from shiftkit.merging.streaming import merge_recipe
 
 transformers = pytest.importorskip("transformers")
@@ -104,7 +105,8 @@ CASES = [
     ("ties", [1.0, 2.0, 0.5], {"density": 0.5}, {"density": 0.5}),
     ("dare_ties", [1.0, 1.0, 1.0], {"density": 0.5, "seed": 3}, {"density": 0.5, "seed": 3}),
     ("dare_linear", [0.5, 1.0, 1.0], {"density": 0.7, "rescale": False}, {"density": 0.7, "rescale": "none"}),
-    ("linear", [3.0, 1.0, 1.0], {}, {}),
+    # mergekit's linear averages the base with the models; its weight comes from the top-level parameters
+    ("linear", [3.0, 1.0, 1.0], {"weight": 2.0}, {}),
 ]
 
 
@@ -129,7 +131,10 @@ def test_streaming_equals_in_memory_merge(
     )
     out = tmp_path / "merged"
     summary = merge_recipe(recipe, out, progress=False)
-    want = sk.merge([_tv(states, f"ft{i}") for i in range(3)], method=method, weights=weights, **kwargs)
+    tvs = [_tv(states, f"ft{i}") for i in range(3)]
+    if method == "linear":  # the base takes part as an input whose shift is zero
+        tvs, weights = [0.0 * tvs[0], *tvs], [rparams["weight"], *weights]
+    want = sk.merge(tvs, method=method, weights=weights, **kwargs)
     got = _reload(out)
     for k, v in _expected(states, want, torch.float32).items():
         assert torch.equal(got[k], v), k
@@ -173,7 +178,7 @@ def test_bf16_inputs_keep_bf16_and_math_is_float32(bf16: tuple[Path, dict[str, A
 
 def test_out_dtype_and_delta_shift_output(fp32: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     root, states = fp32
-    models = [{"model": str(root / f"ft{i}")} for i in range(2)]
+    models = [{"model": str(root / f"ft{i}"), "parameters": {"weight": 1.0}} for i in range(2)]
     recipe = _recipe(tmp_path / "r.yaml", "task_arithmetic", root / "base", models, dtype="float16")
     summary = merge_recipe(recipe, tmp_path / "tv.safetensors", progress=False)
     merged = sk.load(tmp_path / "tv.safetensors")
@@ -191,7 +196,10 @@ def test_safetensors_and_shift_file_inputs(fp32: tuple[Path, dict[str, Any]], tm
     save_file(base, tmp_path / "base.safetensors")
     save_file(states["ft0"], tmp_path / "ft0.safetensors")
     sk.save(_tv(states, "ft1"), tmp_path / "tv1.safetensors")
-    models = [{"model": "ft0.safetensors"}, {"model": "tv1.safetensors", "parameters": {"weight": 0.5}}]
+    models = [
+        {"model": "ft0.safetensors", "parameters": {"weight": 1.0}},
+        {"model": "tv1.safetensors", "parameters": {"weight": 0.5}},
+    ]
     recipe = _recipe(tmp_path / "r.yaml", "task_arithmetic", "base.safetensors", models)  # relative to recipe
     summary = merge_recipe(recipe, tmp_path / "out", progress=False)
     got = load_file(tmp_path / "out" / "model.safetensors")
@@ -205,7 +213,10 @@ def test_baseless_linear_is_weighted_average_of_weights(
     fp32: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
     root, states = fp32
-    models = [{"model": str(root / "ft0"), "parameters": {"weight": 3.0}}, {"model": str(root / "ft1")}]
+    models = [
+        {"model": str(root / "ft0"), "parameters": {"weight": 3.0}},
+        {"model": str(root / "ft1"), "parameters": {"weight": 1.0}},
+    ]
     recipe = _recipe(tmp_path / "r.yaml", "linear", None, models)
     merge_recipe(recipe, tmp_path / "out", progress=False)
     got = _reload(tmp_path / "out")
@@ -218,7 +229,7 @@ def _ta_recipe(root: Path, tmp_path: Path) -> Path:
         tmp_path / "r.yaml",
         "task_arithmetic",
         root / "base",
-        [{"model": str(root / f"ft{i}")} for i in range(3)],
+        [{"model": str(root / f"ft{i}"), "parameters": {"weight": 1.0}} for i in range(3)],
     )
 
 
@@ -231,7 +242,7 @@ def test_interrupted_merge_leaves_nothing(
 ) -> None:
     root, _ = fp32
     recipe = _ta_recipe(root, tmp_path)
-    real = MERGE_METHODS.get("task_arithmetic")
+    real = MERGE_METHODS.get("task_arithmetic").fn
     calls = {"n": 0}
 
     def flaky(tensors: list[dict[str, Tensor]], weights: list[float], **kw: Any) -> dict[str, Tensor]:
@@ -240,7 +251,8 @@ def test_interrupted_merge_leaves_nothing(
             raise exc("boom")
         return real(tensors, weights, **kw)
 
-    monkeypatch.setitem(MERGE_METHODS._entries, "task_arithmetic", flaky)
+    spec = MERGE_METHODS.get("task_arithmetic")
+    monkeypatch.setitem(MERGE_METHODS._entries, "task_arithmetic", dataclasses.replace(spec, fn=flaky))
     with pytest.raises(exc):
         merge_recipe(recipe, tmp_path / "out", progress=False)
     assert calls["n"] == 8 and sorted(os.listdir(tmp_path)) == ["r.yaml"]
@@ -270,7 +282,10 @@ def test_missing_tensor_policy(fp32: tuple[Path, dict[str, Any]], tmp_path: Path
     root, states = fp32
     partial = {k: v for k, v in states["ft1"].items() if k != "model.norm.weight"}
     save_file(partial, tmp_path / "partial.safetensors")
-    models = [{"model": str(root / "ft0")}, {"model": "partial.safetensors"}]
+    models = [
+        {"model": str(root / "ft0"), "parameters": {"weight": 1.0}},
+        {"model": "partial.safetensors", "parameters": {"weight": 1.0}},
+    ]
     recipe = _recipe(tmp_path / "r.yaml", "ties", root / "base", models, parameters={"density": 0.5})
     with pytest.raises(ShiftMismatchError, match=r"model\.norm\.weight"):
         merge_recipe(recipe, tmp_path / "out", progress=False)
@@ -293,7 +308,12 @@ def test_missing_tensor_policy(fp32: tuple[Path, dict[str, Any]], tmp_path: Path
 def test_extra_tensor_and_pickle_inputs_are_errors(fp32: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     root, states = fp32
     save_file({**states["ft0"], "extra.weight": torch.ones(2)}, tmp_path / "extra.safetensors")
-    recipe = _recipe(tmp_path / "r.yaml", "task_arithmetic", root / "base", [{"model": "extra.safetensors"}])
+    recipe = _recipe(
+        tmp_path / "r.yaml",
+        "task_arithmetic",
+        root / "base",
+        [{"model": "extra.safetensors", "parameters": {"weight": 1.0}}],
+    )
     with pytest.raises(ShiftMismatchError, match=r"extra\.weight"):
         merge_recipe(recipe, tmp_path / "out", progress=False)
     (tmp_path / "pkl").mkdir()
@@ -335,8 +355,8 @@ def test_multi_pass_plan_driver(
     ) -> dict[str, Tensor]:
         return {k: sum(t[k] for t in tensors) * scale for k in tensors[0]}
 
-    monkeypatch.setitem(MERGE_METHODS._entries, "fake_global", fake)
-    monkeypatch.setitem(plan_mod.MERGE_PLANS, "fake_global", lambda weights, **p: _MaxNormPlan())
+    spec = MergeSpec("fake_global", fake, plan=lambda weights, **p: _MaxNormPlan())
+    monkeypatch.setitem(MERGE_METHODS._entries, "fake_global", spec)
     models = [{"model": str(root / f"ft{i}"), "parameters": {"weight": w}} for i, w in enumerate([1.0, 2.0])]
     summary = merge_recipe(
         _recipe(tmp_path / "r.yaml", "fake_global", root / "base", models), tmp_path / "out", progress=False
@@ -359,10 +379,8 @@ GLOBAL = [
 def test_registered_global_plans_equal_in_memory(
     fp32: tuple[Path, dict[str, Any]], tmp_path: Path, method: str, params: dict[str, Any]
 ) -> None:
-    if method not in plan_mod.MERGE_PLANS:
-        pytest.skip(f"no streaming plan registered for {method!r}")
     root, states = fp32
-    models = [{"model": str(root / f"ft{i}")} for i in range(3)]
+    models = [{"model": str(root / f"ft{i}"), "parameters": {"weight": 1.0}} for i in range(3)]
     summary = merge_recipe(
         _recipe(tmp_path / "r.yaml", method, root / "base", models, parameters=params),
         tmp_path / "out",
@@ -378,7 +396,7 @@ def test_registered_global_plans_equal_in_memory(
 
 def test_global_option_without_plan_is_refused(fp32: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     root, _ = fp32
-    models = [{"model": str(root / f"ft{i}")} for i in range(2)]
+    models = [{"model": str(root / f"ft{i}"), "parameters": {"weight": 1.0}} for i in range(2)]
     params = {"density": 0.5, "zero_sign": "global_majority"}  # mergekit semantics: ties_plan gives None
     recipe = _recipe(tmp_path / "r.yaml", "ties", root / "base", models, parameters=params)
     with pytest.raises(ShiftkitError, match="whole-model statistics"):
@@ -395,7 +413,12 @@ def test_lora_shift_input(fp32: tuple[Path, dict[str, Any]], tmp_path: Path) -> 
             p.normal_(0, 0.1)
     shift = sk.extract(model)
     sk.save(shift, tmp_path / "lora.safetensors")
-    recipe = _recipe(tmp_path / "r.yaml", "task_arithmetic", root / "base", [{"model": "lora.safetensors"}])
+    recipe = _recipe(
+        tmp_path / "r.yaml",
+        "task_arithmetic",
+        root / "base",
+        [{"model": "lora.safetensors", "parameters": {"weight": 1.0}}],
+    )
     merge_recipe(recipe, tmp_path / "out", progress=False)
     got = load_file(tmp_path / "out" / "model.safetensors")
     names = lowrank.lora_param_names(shift)
@@ -445,7 +468,12 @@ def test_nan_input_is_an_error(fp32: tuple[Path, dict[str, Any]], tmp_path: Path
     bad["model.norm.weight"] = bad["model.norm.weight"].clone()
     bad["model.norm.weight"][3] = float("nan")
     save_file(bad, tmp_path / "bad.safetensors")
-    recipe = _recipe(tmp_path / "r.yaml", "ties", root / "base", [{"model": "bad.safetensors"}])
+    recipe = _recipe(
+        tmp_path / "r.yaml",
+        "ties",
+        root / "base",
+        [{"model": "bad.safetensors", "parameters": {"weight": 1.0}}],
+    )
     with pytest.raises(ShiftkitError, match=r"bad\.safetensors.*model\.norm\.weight.*NaN"):
         merge_recipe(recipe, tmp_path / "out", progress=False)
     assert sorted(os.listdir(tmp_path)) == ["bad.safetensors", "r.yaml"]

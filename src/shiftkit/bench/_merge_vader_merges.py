@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -156,10 +155,10 @@ def _val_mean(data: VaderSplits, delta: sk.Shift) -> float:
 
 
 def _grid_for(name: str, one: bool, seed: int) -> Grid:
-    from shiftkit.merging.registry import MERGE_METHODS
+    from shiftkit.merging.registry import get_merge_method
 
     grid = GRIDS.get(name, Grid(note="method defaults (no grid in merge_vader GRIDS)"))
-    accepted = set(inspect.signature(MERGE_METHODS.get(name)).parameters)
+    accepted = set(get_merge_method(name).params)
     if grid.param is not None and grid.param not in accepted:  # a method whose parameters changed
         grid = Grid(note=f"{grid.note}; defaults: it has no {grid.param!r}")
     fixed = {k: v for k, v in grid.fixed.items() if k in accepted}

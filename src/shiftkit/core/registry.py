@@ -51,6 +51,12 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry
 
+    def update(self, name: str, entry: T) -> None:
+        """Replace the entry of an already registered ``name`` (e.g. a spec gaining its streaming plan)."""
+        if name not in self._entries:
+            raise UnknownMethodError(f"unknown {self.kind} {name!r}: register it before updating it")
+        self._entries[name] = entry
+
     def get(self, name: str) -> T:
         """Return the entry registered as ``name`` or raise :class:`UnknownMethodError`."""
         try:

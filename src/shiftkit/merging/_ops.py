@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shiftkit.core.functional import abs_sum64
 from shiftkit.errors import ShiftkitError
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "elected_sign_sum",
     "key_seed",
     "kth_smallest",
+    "l1_rescaled",
+    "rescale_pruned",
     "ties_disjoint_merge",
     "topk_magnitude",
     "topk_mask",
@@ -184,13 +187,34 @@ def dare_rescale(x: Tensor, keep: Tensor, density: float, rescale: str) -> Tenso
     if rescale == "inverse":
         return kept / density
     if rescale == "l1":
-        before, after = x.abs().sum(), kept.abs().sum()
-        if before < 1e-7 or after < 1e-7:
-            return kept
-        return kept * (before / after)
+        return l1_rescaled(x, kept)
     if rescale == "none":
         return kept
     raise ShiftkitError(f"unknown rescale {rescale!r}; use 'l1', 'inverse' or 'none'")
+
+
+def l1_rescaled(x: Tensor, kept: Tensor) -> Tensor:
+    """``kept · ‖x‖₁ / ‖kept‖₁`` (mergekit's L1 rescale of a pruned tensor), norms in float64.
+
+    Left as it is when either norm is below 1e-7 (mergekit's guard against dividing by nothing).
+
+    Example:
+        >>> l1_rescaled(torch.tensor([1.0, -3.0]), torch.tensor([0.0, -3.0]))
+        tensor([ 0.0000, -4.0000])
+    """
+    before, after = abs_sum64(x), abs_sum64(kept)
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def rescale_pruned(x: Tensor, kept: Tensor, rescale: str) -> Tensor:
+    """The pruned ``kept`` of ``x``, L1-rescaled (``"l1"``) or not (``"none"``): mergekit's ``rescale``."""
+    if rescale == "l1":
+        return l1_rescaled(x, kept)
+    if rescale == "none":
+        return kept
+    raise ShiftkitError(f"unknown rescale {rescale!r}; use 'l1' or 'none' (mergekit's true / false)")
 
 
 def elected_sign_sum(stack: Tensor, weights: list[float], *, semantics: str, consensus: str) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shiftkit.core.functional import abs_sum64
 from shiftkit.merging._ops import kth_smallest
 
 __all__ = ["dare_ties_into_", "ties_into_"]
@@ -147,13 +148,13 @@ def dare_ties_into_(
             t.mul_(0.0)
             continue
         keep = dare_keep_mask(t.shape, density, key_seed(params["seed"], key, i))
-        before = t.abs().sum() if rescale == "l1" else None
+        before = abs_sum64(t) if rescale == "l1" else None
         t.masked_fill_(~keep.to(t.device), 0.0)
         del keep
         if rescale == "inverse":
             t.div_(density)
-        elif before is not None:
-            after = t.abs().sum()
+        elif before is not None:  # l1_rescaled, in place
+            after = abs_sum64(t)
             if not (before < 1e-7 or after < 1e-7):
                 t.mul_(before / after)
     _elect_into_(acc, taus, weights, params)

@@ -20,7 +20,6 @@ DARE https://arxiv.org/abs/2311.03099, soups https://arxiv.org/abs/2203.05482.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -30,8 +29,7 @@ import torch
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.lowrank import lora_to_delta
-from shiftkit.merging.plan import MERGE_PLANS
-from shiftkit.merging.registry import MERGE_METHODS
+from shiftkit.merging.registry import MERGE_METHODS, MergeSpec
 
 __all__ = ["merge"]
 
@@ -111,39 +109,40 @@ def _common_aliases(shifts: Sequence[Shift], keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _tensor_local(method: str, weights: list[float], params: dict[str, Any]) -> bool:
+def _tensor_local(spec: MergeSpec, weights: list[float], params: dict[str, Any]) -> bool:
     """True if merged tensor ``k`` depends on the inputs' tensors ``k`` only (spec §0.5)."""
-    factory = MERGE_PLANS.get(method)
-    if factory is not None:
-        return factory(list(weights), **params) is None
+    if spec.plan is not None:
+        return spec.plan(list(weights), **params) is None
     # built-in global options whose streaming plan may not be registered: whole-model trim / majority sign
     return params.get("semantics") != "paper" and params.get("zero_sign") != "global_majority"
 
 
 def _merge_skip(
-    fn: Any, shifts: list[Shift], keys: list[str], ws: list[float], method: str, params: dict[str, Any]
+    spec: MergeSpec, shifts: list[Shift], keys: list[str], ws: list[float], params: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
     """Run ``fn`` once per group of keys with the same participating shifts, on those shifts only."""
     groups: dict[tuple[int, ...], list[str]] = {}
     for k in keys:
         groups.setdefault(tuple(i for i, s in enumerate(shifts) if k in s.tensors), []).append(k)
-    if len(groups) > 1 and not _tensor_local(method, ws, params):
+    if len(groups) > 1 and not _tensor_local(spec, ws, params):
         raise ShiftkitError(
-            f"on_missing='skip' needs a tensor-local method; {method!r} with {params} uses whole-model "
+            f"on_missing='skip' needs a tensor-local method; {spec.name!r} with {params} uses whole-model "
             "statistics, which differ between the groups of shifts: use on_missing='zero'"
         )
     out: dict[str, torch.Tensor] = {}
     for idx, group in groups.items():
         tensors = [{k: shifts[i].tensors[k].to(torch.float32) for k in group} for i in idx]
-        out.update(fn(tensors, [ws[i] for i in idx], **params))
+        out.update(spec.fn(tensors, [ws[i] for i in idx], **params))
     return out
 
 
-def _check_params(name: str, fn: Any, params: dict[str, Any]) -> None:
-    accepted = [p for p in inspect.signature(fn).parameters if p not in ("tensors", "weights")]
+def _check_params(spec: MergeSpec, params: dict[str, Any]) -> None:
+    accepted = list(spec.params)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ShiftkitError(f"merge method {name!r} has no parameter(s) {unknown}; it accepts {accepted}")
+        raise ShiftkitError(
+            f"merge method {spec.name!r} has no parameter(s) {unknown}; it accepts {accepted}"
+        )
 
 
 def merge(
@@ -182,8 +181,8 @@ def merge(
     """
     import shiftkit.merging  # noqa: F401  (registers the built-in methods)
 
-    fn = MERGE_METHODS.get(method)
-    _check_params(method, fn, params)
+    spec = MERGE_METHODS.get(method)
+    _check_params(spec, params)
     deltas = _as_deltas(shifts)
     keys = _check_inputs(deltas, on_missing)
     if weights is None:
@@ -198,13 +197,13 @@ def merge(
     aliases = _common_aliases(deltas, keys)
     own = [k for k in keys if k not in aliases]
     if on_missing == "skip":
-        out = _merge_skip(fn, deltas, own, ws, method, params)
+        out = _merge_skip(spec, deltas, own, ws, params)
     else:
         tensors = [
             {k: (s.tensors[k] if k in s.tensors else torch.zeros_like(ref[k])).to(torch.float32) for k in own}
             for s in deltas
         ]
-        out = fn(tensors, ws, **params)
+        out = spec.fn(tensors, ws, **params)
     merged = {k: out[k].to(ref[k].dtype) for k in own}
     merged = {k: merged[aliases.get(k, k)] for k in keys}
     return Shift(DELTA, None, merged, {k: tuple(v.shape) for k, v in merged.items()})

@@ -12,9 +12,9 @@ mergekit does. Then
   vote on weighted shifts, ``Σ_t m_t w_t τ̂_t`` divided by ``Σ_t m_t w_t`` only when ``normalize``;
   mergekit's default ``normalize=False``).
 
-Unlike mergekit (``argsort``, arbitrary tie order; ``gamma = 0`` there keeps nothing because of a
-``[n_bot:-0]`` slice) the mask here keeps exactly ``k`` entries with a stable index tie-break and
-``gamma = 0`` is plain magnitude pruning.
+Unlike mergekit (``argsort``, arbitrary tie order) the mask here keeps exactly ``k`` entries with a stable
+index tie-break; ``gamma = 0`` is plain magnitude pruning in both. ``rescale="l1"`` scales each masked
+tensor back to its L1 norm (mergekit's ``rescale: true``).
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ import torch
 from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging._ops import ties_disjoint_merge, topk_mask
+from shiftkit.merging._ops import rescale_pruned, ties_disjoint_merge, topk_mask
 from shiftkit.merging.registry import register_merge
 from shiftkit.merging.task_arithmetic import task_arithmetic
 
 __all__ = ["breadcrumbs", "breadcrumbs_mask", "breadcrumbs_ties"]
 
-# density 0.9 / gamma 0.01: mergekit's gamma default is 0.01 (drop the top 1 %); its density default 1.0
-# disables the method entirely, so we default to keeping 90 % (dropping the smallest 9 %) — a mild
-# sparsification in the range the paper sweeps. [UNVERIFIED against the paper's tables: tune both.]
+# density 0.9 / gamma 0.01 in sk.merge: mergekit's gamma default is 0.01 (drop the top 1 %); its density
+# default 1.0 disables the method entirely, so sk.merge keeps 90 % (drops the smallest 9 %), a mild
+# sparsification in the range the paper sweeps (Davari & Belilovsky 2023, §4: tune both on validation
+# data). Recipes use mergekit's defaults (density 1.0).
 DEFAULT_DENSITY = 0.9
 DEFAULT_GAMMA = 0.01
 
@@ -66,14 +67,23 @@ def _check(density: float, gamma: float) -> None:
         raise ShiftkitError(f"breadcrumbs gamma must be in [0, 1], got {gamma}")
 
 
-def _masked(tensors: list[dict[str, Tensor]], density: float, gamma: float) -> list[dict[str, Tensor]]:
+def _masked(
+    tensors: list[dict[str, Tensor]], density: float, gamma: float, rescale: str
+) -> list[dict[str, Tensor]]:
+    if density >= 1.0:  # mergekit: no masking, so nothing to rescale either
+        return tensors
     return [
-        {k: torch.where(breadcrumbs_mask(v, density, gamma), v, torch.zeros_like(v)) for k, v in t.items()}
+        {
+            k: rescale_pruned(
+                v, torch.where(breadcrumbs_mask(v, density, gamma), v, torch.zeros_like(v)), rescale
+            )
+            for k, v in t.items()
+        }
         for t in tensors
     ]
 
 
-@register_merge("breadcrumbs")
+@register_merge("breadcrumbs", recipe_defaults={"density": 1.0}, recipe_required=("weight",))
 def breadcrumbs(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
@@ -82,16 +92,19 @@ def breadcrumbs(
     gamma: float = DEFAULT_GAMMA,
     lambda_: float = 1.0,
     normalize: bool = False,
+    rescale: str = "none",
 ) -> dict[str, Tensor]:
     """Breadcrumbs masks then task arithmetic: ``τ = λ·Σ_t w_t (M_t ⊙ τ_t)``.
 
     Args:
         tensors: T aligned float32 tensor dicts (any shapes, equal across t).
         weights: T weights.
-        density: fraction of each tensor kept after the outlier drop (default 0.9, see module note).
+        density: fraction of each tensor kept after the outlier drop (default 0.9, see module note;
+            recipes: mergekit's 1.0, no masking).
         gamma: fraction of largest magnitudes dropped as outliers (default 0.01, mergekit's default).
         lambda_: global scale λ (default 1.0, as mergekit).
         normalize: divide by ``Σ_t w_t`` (default False, as mergekit's ``breadcrumbs``).
+        rescale: ``"l1"`` scales each masked tensor back to its L1 norm; ``"none"`` (default, as mergekit).
 
     Returns:
         Merged tensors, same keys and shapes.
@@ -102,10 +115,11 @@ def breadcrumbs(
         >>> sk.apply_(base, merged)
     """
     _check(density, gamma)
-    return task_arithmetic(_masked(tensors, density, gamma), weights, lambda_=lambda_, normalize=normalize)
+    masked = _masked(tensors, density, gamma, rescale)
+    return task_arithmetic(masked, weights, lambda_=lambda_, normalize=normalize)
 
 
-@register_merge("breadcrumbs_ties")
+@register_merge("breadcrumbs_ties", recipe_defaults={"density": 1.0}, recipe_required=("weight",))
 def breadcrumbs_ties(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
@@ -115,6 +129,7 @@ def breadcrumbs_ties(
     lambda_: float = 1.0,
     consensus: str = "sum",
     normalize: bool = False,
+    rescale: str = "none",
 ) -> dict[str, Tensor]:
     """Breadcrumbs masks then TIES sign election and disjoint merge (mergekit ``breadcrumbs_ties``).
 
@@ -123,6 +138,7 @@ def breadcrumbs_ties(
         density: kept fraction after the outlier drop (default 0.9). gamma: outlier fraction (default 0.01).
         lambda_: final scale λ. consensus: ``"sum"`` or ``"count"`` (mergekit uses ``"sum"``).
         normalize: divide by the agreeing weights' sum ``Σ_t m_t w_t`` (default False, as mergekit).
+        rescale: ``"l1"`` or ``"none"`` (default), as in :func:`breadcrumbs`.
 
     Returns:
         Merged tensors, same keys and shapes.
@@ -134,7 +150,7 @@ def breadcrumbs_ties(
     """
     _check(density, gamma)
     mixed = ties_disjoint_merge(
-        _masked(tensors, density, gamma),
+        _masked(tensors, density, gamma, rescale),
         weights,
         semantics="mergekit",
         consensus=consensus,

@@ -58,7 +58,7 @@ def dare_drop(
     return out
 
 
-@register_merge("dare_linear")
+@register_merge("dare_linear", recipe_defaults={"density": 1.0}, recipe_required=("weight",))
 def dare_linear(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
@@ -73,7 +73,8 @@ def dare_linear(
 
     Args:
         tensors: T aligned float32 tensor dicts; weights: T weights.
-        density: keep probability (default 0.1, i.e. the paper's typical drop rate p = 0.9).
+        density: keep probability (default 0.1, i.e. the paper's typical drop rate p = 0.9; a recipe that
+            omits it gets mergekit's 1.0, no drop).
         rescale: ``"l1"`` (default, mergekit), ``"inverse"`` (paper/peft 1/(1−p)) or ``"none"``.
         seed: mask seed. lambda_: global scale. normalize: divide by ``Σ w`` (default False, as mergekit).
 
@@ -89,7 +90,7 @@ def dare_linear(
     return task_arithmetic(dropped, weights, lambda_=lambda_, normalize=normalize)
 
 
-@register_merge("dare_ties")
+@register_merge("dare_ties", recipe_defaults={"density": 1.0}, recipe_required=("weight",))
 def dare_ties(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
@@ -106,7 +107,8 @@ def dare_ties(
 
     Args:
         tensors: T aligned float32 tensor dicts; weights: T weights.
-        density: keep probability (default 0.1, p = 0.9). rescale: ``"l1"``, ``"inverse"`` or ``"none"``.
+        density: keep probability (default 0.1, p = 0.9; recipes: mergekit's 1.0). rescale: ``"l1"``,
+            ``"inverse"`` or ``"none"``.
         seed: mask seed. semantics: ``"mergekit"`` (vote on weighted shifts) or ``"peft"`` (unweighted
             vote, count-normalised). lambda_: final scale. consensus: ``"sum"`` or ``"count"``.
         normalize: mergekit only; default False as mergekit's ``dare_ties``.

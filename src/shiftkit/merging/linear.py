@@ -1,22 +1,31 @@
-"""Linear merge / model soup: ``τ = Σ_t w_t τ_t / Σ_t w_t`` (mergekit ``linear``, spec §1.4).
+"""Linear merge / model soup: ``τ = Σ_t w_t τ_t / Σ_t w_t`` (mergekit ``linear``).
 
 With a common base, the weighted average of fine-tuned models is the base plus the weighted average of
 their shifts, so a uniform soup (Wortsman et al., https://arxiv.org/abs/2203.05482) is ``weights=None``.
+Unnormalised, mergekit's linear is the weighted sum of *weights*, ``Σ_t w_t θ_t``; in shift space that is
+``Σ_t w_t τ_t + (Σ_t w_t − 1)·θ0``, which needs θ0: given ``base=`` (what a recipe does) the merge returns
+exactly that; without it ``normalize=False`` is the plain weighted sum of shifts ``Σ_t w_t τ_t``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor
 
-from shiftkit.errors import ShiftkitError
+from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.registry import register_merge
 
 __all__ = ["linear"]
 
 
-@register_merge("linear")
+@register_merge("linear", needs_base=False, base_is_input=True, recipe_required=("weight",))
 def linear(
-    tensors: list[dict[str, Tensor]], weights: list[float], *, normalize: bool = True
+    tensors: list[dict[str, Tensor]],
+    weights: list[float],
+    *,
+    normalize: bool = True,
+    base: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Weighted average of shifts (or weighted sum with ``normalize=False``).
 
@@ -24,6 +33,8 @@ def linear(
         tensors: T aligned float32 tensor dicts (any shapes, equal across t).
         weights: T weights.
         normalize: divide by ``Σ w_t`` (default True, mergekit's default: a soup is an average).
+        base: θ0 by name: with ``normalize=False`` the result is the weighted sum of the full weights,
+            ``Σ_t w_t θ_t − θ0`` (mergekit); ignored when normalising (the two agree).
 
     Returns:
         Merged tensors, same keys and shapes.
@@ -43,4 +54,8 @@ def linear(
         for w, t in zip(weights[1:], tensors[1:], strict=True):
             acc = acc + w * t[k]
         out[k] = acc / div
+        if base is not None and not normalize and total != 1.0:
+            if k not in base or tuple(base[k].shape) != tuple(acc.shape):
+                raise ShiftMismatchError(f"linear base has no tensor {k!r} of shape {tuple(acc.shape)}")
+            out[k] = out[k] + (total - 1.0) * base[k].to(device=acc.device, dtype=acc.dtype)
     return out

@@ -14,7 +14,7 @@ dimension: the same for 1-D and 2-D tensors (all of an LLM), different for conv 
 "filter" is the output channel as here. Guards: a cosine is ``⟨a, b⟩ / max(‖a‖‖b‖, 1e-6)`` clamped to
 ``[−1, 1]`` (mergekit's guard), so a zero task vector gives ``cos θ = 0`` → ``t = 0`` (no NaN); the
 singular ``1 + (k − 1)·cos θ = 0`` (anti-correlated vectors, outside the paper's assumptions) also
-gives ``t = 0``. Model Stock has no per-model weights.
+gives ``t = 0``. Model Stock has no per-model weights. Norms and dot products accumulate in float64.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from shiftkit.core.functional import BLOCK64
 from shiftkit.errors import ShiftkitError
 from shiftkit.merging.registry import register_merge
 
@@ -44,15 +45,37 @@ def model_stock_ratio(vectors: list[Tensor]) -> Tensor:
     k = len(vectors)
     if k < 2:
         raise ShiftkitError(f"model_stock needs at least 2 fine-tuned shifts, got {k}")
-    norms = [v.norm(dim=-1) for v in vectors]
+    squares, dots = _row_sums(vectors)
+    norms = squares.sqrt()
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     cosines = [
-        ((vectors[i] * vectors[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
-        for i in range(k)
-        for j in range(i + 1, k)
+        (dots[p] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0) for p, (i, j) in enumerate(pairs)
     ]
     cos = torch.stack(cosines).mean(0)
     den = 1.0 + (k - 1) * cos
-    return torch.where(den.abs() > 1e-6, k * cos / torch.where(den == 0, torch.ones_like(den), den), 0.0)
+    t = torch.where(den.abs() > 1e-6, k * cos / torch.where(den == 0, torch.ones_like(den), den), 0.0)
+    return t.to(vectors[0].dtype)
+
+
+def _row_sums(vectors: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Squared norms ``(k, ...)`` and pairwise dot products ``(k(k−1)/2, ...)`` along the last dimension,
+    accumulated in float64 over column blocks (a float32 reduction over a whole large tensor is ~1e-4 off)."""
+    lead = vectors[0].shape[:-1]
+    flat = [v.reshape(-1, v.shape[-1]) for v in vectors]
+    rows, m = flat[0].shape
+    k = len(flat)
+    squares = torch.zeros(k, rows, dtype=torch.float64, device=flat[0].device)
+    dots = torch.zeros(k * (k - 1) // 2, rows, dtype=torch.float64, device=flat[0].device)
+    step = max(1, BLOCK64 // max(rows, 1))
+    for c in range(0, m, step):
+        block = [f[:, c : c + step].to(torch.float64) for f in flat]
+        p = 0
+        for i in range(k):
+            squares[i] += block[i].square().sum(-1)
+            for j in range(i + 1, k):
+                dots[p] += (block[i] * block[j]).sum(-1)
+                p += 1
+    return squares.reshape(k, *lead), dots.reshape(-1, *lead)
 
 
 @register_merge("model_stock")

@@ -5,7 +5,8 @@ tensors ``k`` (task arithmetic, mergekit/peft TIES, DARE, SLERP, soups). The str
 (``shiftkit merge recipe.yaml OUT``) calls the registered merge function once per tensor for them.
 
 A *global* method (original-paper TIES trimming over the whole model, PCB's per-task quantiles and
-min–max) needs statistics over every tensor first. It registers a plan factory with :func:`register_plan`;
+min–max) needs statistics over every tensor first. It registers a plan factory with :func:`register_plan`
+(stored in its :class:`~shiftkit.merging.registry.MergeSpec` as ``plan``);
 the factory returns a :class:`StreamPlan` (or ``None`` when the given parameters make the method
 tensor-local, e.g. ``ties`` with ``semantics="mergekit"``). The streaming engine then
 
@@ -26,7 +27,9 @@ from typing import Protocol
 
 from torch import Tensor
 
-__all__ = ["MERGE_PLANS", "PlanFactory", "StreamPlan", "register_plan", "run_plan_in_memory"]
+from shiftkit.merging.registry import set_plan
+
+__all__ = ["PlanFactory", "StreamPlan", "register_plan", "run_plan_in_memory"]
 
 
 class StreamPlan(Protocol):
@@ -48,12 +51,9 @@ class StreamPlan(Protocol):
 #: ``factory(weights: list[float], **params) -> StreamPlan | None`` (None: tensor-local for these params)
 PlanFactory = Callable[..., "StreamPlan | None"]
 
-#: merge-method name → plan factory, for the methods that can need whole-model statistics
-MERGE_PLANS: dict[str, PlanFactory] = {}
-
 
 def register_plan(name: str) -> Callable[[PlanFactory], PlanFactory]:
-    """Decorator registering the streaming-plan factory of merge method ``name``.
+    """Decorator registering the streaming-plan factory of the (already registered) merge method ``name``.
 
     Example:
         >>> @register_plan("ties")
@@ -62,7 +62,7 @@ def register_plan(name: str) -> Callable[[PlanFactory], PlanFactory]:
     """
 
     def deco(factory: PlanFactory) -> PlanFactory:
-        MERGE_PLANS[name] = factory
+        set_plan(name, factory)
         return factory
 
     return deco
@@ -82,7 +82,7 @@ def run_plan_in_memory(
         The merged tensors, keyed like the inputs.
 
     Example:
-        >>> plan = MERGE_PLANS["pcb"]([1.0, 1.0], ratio=0.1)
+        >>> plan = get_merge_method("pcb").plan([1.0, 1.0], ratio=0.1)
         >>> merged = run_plan_in_memory(plan, [tv1.tensors, tv2.tensors], [1.0, 1.0])
         >>> torch.equal(merged["w"], sk.merge([tv1, tv2], method="pcb", ratio=0.1).tensors["w"])
     """

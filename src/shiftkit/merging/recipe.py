@@ -14,6 +14,13 @@ Example recipe (``examples/merge_ties.yaml``)::
     tokenizer_source: base          # copy tokenizer files from "base", a listed model, or null
     shiftkit: {max_shard_size: 2GB, on_missing: error}
 
+A recipe means what it means in mergekit 0.1.5: an omitted parameter takes mergekit's default, not the
+paper default that ``sk.merge`` uses (``ties``/``dare_*``/``breadcrumbs*``: ``density`` 1.0, no pruning),
+and what mergekit requires is required here (``weight`` for every input of the weighted methods, ``t`` for
+``slerp``: a missing one is an error naming the key). ``linear`` with a ``base_model`` averages the base
+with the models, as mergekit does (its weight from the top-level ``parameters``). Each method's recipe
+contract is its :class:`~shiftkit.merging.registry.MergeSpec`.
+
 mergekit names map to shiftkit's: ``lambda`` → ``lambda_``, ``rescale: true/false`` → ``"l1"``/``"none"``;
 ``int8_mask`` (a mergekit memory switch with no effect on results) is accepted and ignored. A per-model
 ``weight`` becomes the weights list; any other per-model parameter must be equal across models (it is then
@@ -32,6 +39,7 @@ from typing import Any
 
 from shiftkit.errors import ShiftkitError
 from shiftkit.merging.checkpoints import parse_size
+from shiftkit.merging.registry import MergeSpec
 
 __all__ = ["ResolvedRecipe", "load_recipe", "resolve_recipe"]
 
@@ -66,11 +74,6 @@ DTYPES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
 }
-#: methods that use the base model as an ingredient; the others drop a models: entry equal to the base
-#: (mergekit's task-arithmetic family computes τ only for the non-base models)
-KEEPS_BASE = ("linear", "slerp")
-#: methods that may run without a base model (θ0 = 0, so τ_t = θ_t: a plain weighted average)
-BASELESS = ("linear",)
 ON_MISSING = ("error", "zero", "skip")
 #: default shard size: HF's save_pretrained default of recent releases
 DEFAULT_SHARD = "2GB"
@@ -174,6 +177,23 @@ def _find(ref: Any, base_dir: Path | None, what: str) -> Path:
     )
 
 
+_MISSING: Any = object()
+
+
+def _weight(value: Any, spec: MergeSpec, where: str) -> float:
+    """A model's weight: required where mergekit requires it, else 1.0 by default."""
+    if value is _MISSING:
+        if "weight" in spec.recipe_required:
+            raise ShiftkitError(
+                f"{where} has no 'weight': merge method {spec.name!r} needs one for every input, as in "
+                "mergekit (set it under the model's parameters, or once under the top-level parameters)"
+            )
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ShiftkitError(f"{where}: weight must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _scalar(name: str, value: Any) -> Any:
     if isinstance(value, (list, dict)):
         raise ShiftkitError(
@@ -182,23 +202,27 @@ def _scalar(name: str, value: Any) -> Any:
     return value
 
 
-def _method_fn(method: str) -> Any:
-    import shiftkit.merging  # noqa: F401  (registers the built-in methods)
-    from shiftkit.merging.registry import MERGE_METHODS
+def _method_spec(method: str) -> MergeSpec:
+    from shiftkit.merging.registry import get_merge_method
 
-    return MERGE_METHODS.get(method)
+    return get_merge_method(method)
 
 
-def _normalise_params(method: str, fn: Any, raw: dict[str, Any]) -> dict[str, Any]:
-    sig = inspect.signature(fn).parameters
-    accepted = [p for p in sig if p not in ("tensors", "weights", "base")]
+def _normalise_params(spec: MergeSpec, raw: dict[str, Any]) -> dict[str, Any]:
+    """Recipe parameters in shiftkit's names, every omitted one filled with mergekit's default.
+
+    Raises:
+        ShiftkitError: an unknown parameter, or a required one (mergekit's ``t``) missing.
+    """
+    sig = inspect.signature(spec.fn).parameters
+    accepted = [p for p in spec.params if p != "base"]
     out: dict[str, Any] = {}
     for k, v in raw.items():
-        if k in IGNORED:
+        if k in IGNORED or k in spec.recipe_ignored:
             continue
         name = ALIASES.get(k, k)
         if name not in accepted:
-            raise ShiftkitError(f"merge method {method!r} has no parameter {k!r}; it accepts {accepted}")
+            raise ShiftkitError(f"merge method {spec.name!r} has no parameter {k!r}; it accepts {accepted}")
         ann = str(sig[name].annotation)
         if "Sequence" not in ann and "Mapping" not in ann:  # list/dict only where the method takes one
             v = _scalar(k, v)
@@ -206,29 +230,33 @@ def _normalise_params(method: str, fn: Any, raw: dict[str, Any]) -> dict[str, An
             v = "l1" if v else "none"
         out[name] = v
     for name in accepted:
-        default = sig[name].default
-        if name not in out and default is not inspect.Parameter.empty:
+        if name in out:
+            continue
+        if name in spec.recipe_required:
+            raise ShiftkitError(
+                f"merge method {spec.name!r} needs parameter {name!r} in the recipe (mergekit requires it: "
+                "it has no default)"
+            )
+        default = spec.recipe_default(name)
+        if default is not inspect.Parameter.empty:
             out[name] = default
     return out
 
 
-def _probe(method: str, fn: Any, n: int, weights: list[float], params: dict[str, Any]) -> None:
+def _probe(spec: MergeSpec, n: int, weights: list[float], params: dict[str, Any]) -> None:
     """Run the method on a tiny tensor so bad values fail now, before any checkpoint is read."""
     import torch
-
-    from shiftkit.merging.plan import MERGE_PLANS
 
     gen = torch.Generator().manual_seed(0)
     probe = [{"probe": torch.randn(8, generator=gen)} for _ in range(n)]
     try:
-        fn(probe, weights, **params)
-        factory = MERGE_PLANS.get(method)
-        if factory is not None:
-            factory(list(weights), **params)
+        spec.fn(probe, weights, **params)
+        if spec.plan is not None:
+            spec.plan(list(weights), **params)
     except ShiftkitError as err:
-        raise ShiftkitError(f"recipe parameters rejected by {method!r}: {err}") from None
+        raise ShiftkitError(f"recipe parameters rejected by {spec.name!r}: {err}") from None
     except (TypeError, ValueError) as err:
-        raise ShiftkitError(f"recipe parameters rejected by {method!r}: {err}") from None
+        raise ShiftkitError(f"recipe parameters rejected by {spec.name!r}: {err}") from None
 
 
 def resolve_recipe(data: dict[str, Any], source: str | os.PathLike[str] | None = None) -> ResolvedRecipe:
@@ -258,7 +286,7 @@ def resolve_recipe(data: dict[str, Any], source: str | os.PathLike[str] | None =
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise ShiftkitError("the recipe needs 'merge_method: <name>' (see shiftkit.list_merge_methods())")
-    fn = _method_fn(method)
+    spec = _method_spec(method)
     entries = data.get("models")
     if not isinstance(entries, list) or not entries:
         raise ShiftkitError(
@@ -266,12 +294,13 @@ def resolve_recipe(data: dict[str, Any], source: str | os.PathLike[str] | None =
         )
     base_ref = data.get("base_model")
     base = None if base_ref is None else _find(base_ref, base_dir, "base_model")
-    if base is None and method not in BASELESS:
+    if base is None and spec.needs_base:
         raise ShiftkitError(
             f"merge_method {method!r} needs 'base_model:' (θ0, the model the shifts start from)"
         )
     top = dict(data.get("parameters") or {})
-    default_weight = _scalar("weight", top.pop("weight", 1.0))
+    top_weight = _scalar("weight", top.pop("weight", _MISSING))
+    weight_required = "weight" in spec.recipe_required
     models: list[Path] = []
     weights: list[float] = []
     per_model: dict[str, list[Any]] = {}
@@ -282,18 +311,20 @@ def resolve_recipe(data: dict[str, Any], source: str | os.PathLike[str] | None =
         _check_keys(f"models[{i}]", entry, MODEL_KEYS)
         path = _find(entry.get("model"), base_dir, f"models[{i}].model")
         mparams = dict(entry.get("parameters") or {})
-        weight = _scalar("weight", mparams.pop("weight", default_weight))
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ShiftkitError(f"models[{i}] weight must be a finite number, got {weight!r}")
-        if path == base and method not in KEEPS_BASE:
-            continue
+        if path == base and not spec.base_is_input:
+            continue  # mergekit: the base is not one of the merged inputs (no weight needed)
+        weight = _weight(_scalar("weight", mparams.pop("weight", top_weight)), spec, f"models[{i}] ({path})")
         models.append(path)
-        weights.append(float(weight))
+        weights.append(weight)
         for k, v in mparams.items():
             per_model.setdefault(k, []).append(v)
+    if spec.base_is_input and base is not None and base not in models and weight_required:
+        # mergekit's linear: the base model is one of the averaged inputs, weighted like any other
+        models.insert(0, base)
+        weights.insert(0, _weight(top_weight, spec, f"base_model ({base}), which {method!r} averages in"))
     if not models:
         raise ShiftkitError("the recipe lists no model besides the base")
-    if method == "slerp" and base in models:  # mergekit: t = 0 is the base model
+    if spec.base_is_input and base in models and not weight_required:  # slerp: t = 0 is the base model
         j = models.index(base)
         models.insert(0, models.pop(j))
         weights.insert(0, weights.pop(j))
@@ -304,11 +335,11 @@ def resolve_recipe(data: dict[str, Any], source: str | os.PathLike[str] | None =
                 f"the same {k!r} or set it once under 'parameters:'"
             )
         top[k] = values[0]
-    if method == "slerp" and base is not None and base not in models and len(models) == 1:
-        models.insert(0, base)  # mergekit's other slerp shape, "base_model + one model": t = 0 is the base
+    if spec.base_is_input and base is not None and base not in models and len(models) == 1:
+        models.insert(0, base)  # mergekit's slerp shape, "base_model + one model": t = 0 is the base
         weights.insert(0, 1.0)
-    params = _normalise_params(method, fn, top)
-    _probe(method, fn, len(models), weights, params)
+    params = _normalise_params(spec, top)
+    _probe(spec, len(models), weights, params)
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype is not None and str(dtype) not in DTYPES:
         raise ShiftkitError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES.values()))}")

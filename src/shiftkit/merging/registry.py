@@ -1,40 +1,138 @@
-"""Registry of merge methods: name → function combining aligned dense shifts.
+"""Registry of merge methods: one :class:`MergeSpec` per name, registered by :func:`register_merge_method`.
 
 A merge function receives the inputs' tensors already aligned (same keys, shapes; float32, finite) and the
 per-shift weights, and returns the merged tensors: ``fn(tensors, weights, **params) -> dict[str, Tensor]``
 with ``tensors[t][key]`` the t-th shift's tensor ``key``. See :func:`shiftkit.merging.api.merge`.
+
+The spec also says how the method reads in a mergekit-shaped recipe (``shiftkit merge``), where mergekit's
+meaning applies: its defaults (``recipe_defaults``, where they differ from the function's own paper
+defaults), the keys it requires (``recipe_required``: mergekit's ``weight`` and ``t`` have no default),
+parameters it accepts without effect (``recipe_ignored``) and whether the base model is one of the inputs
+(``base_is_input``: mergekit's ``linear`` averages it with the models, ``slerp`` starts from it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch import Tensor
 
 from shiftkit.core.registry import Registry
 
-__all__ = ["MERGE_METHODS", "MergeFn", "list_merge_methods", "register_merge"]
+__all__ = [
+    "MERGE_METHODS",
+    "MergeFn",
+    "MergeSpec",
+    "get_merge_method",
+    "list_merge_methods",
+    "register_merge",
+    "register_merge_method",
+]
 
 #: ``fn(tensors: list[dict[str, Tensor]], weights: list[float], **params) -> dict[str, Tensor]``
 MergeFn = Callable[..., dict[str, Tensor]]
 
-MERGE_METHODS: Registry[MergeFn] = Registry("merge method")
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """What the registry knows about a merge method.
+
+    Attributes:
+        name: registry name, equal to the method's file name (``"ties"``).
+        fn: the merge function ``fn(tensors, weights, **params)``.
+        plan: streaming-plan factory for whole-model statistics (``factory(weights, **params) ->
+            StreamPlan | None``; ``None`` from it means tensor-local for those parameters), or ``None``
+            when the method is always tensor-local (:mod:`shiftkit.merging.plan`).
+        needs_base: a recipe must name ``base_model`` (every method but a plain weighted average).
+        base_is_input: in a recipe the base model is one of the merged inputs (mergekit's ``linear`` and
+            ``slerp``), not only the origin of the shifts.
+        recipe_defaults: mergekit's default of a parameter where it differs from ``fn``'s default
+            (``ties``: ``density`` 1.0, no trim; ``sk.merge`` keeps the paper's 0.2).
+        recipe_required: recipe keys mergekit requires (``"weight"``, ``"t"``): missing is an error.
+        recipe_ignored: recipe parameters mergekit accepts without effect for this method.
+    """
+
+    name: str
+    fn: MergeFn
+    plan: Callable[..., Any] | None = None
+    needs_base: bool = True
+    base_is_input: bool = False
+    recipe_defaults: Mapping[str, Any] = field(default_factory=dict)
+    recipe_required: tuple[str, ...] = ()
+    recipe_ignored: tuple[str, ...] = ()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The function's parameters (beyond tensors and weights) and their defaults (``inspect.Parameter
+        .empty`` when there is none)."""
+        sig = inspect.signature(self.fn).parameters
+        return {n: p.default for n, p in sig.items() if n not in ("tensors", "weights")}
+
+    @property
+    def takes_base(self) -> bool:
+        """Whether ``fn`` accepts the base tensors θ0 (``base=``: weight-space slerp and linear)."""
+        return "base" in self.params
+
+    def recipe_default(self, name: str) -> Any:
+        """The value a recipe that omits parameter ``name`` gets (mergekit's default, else ``fn``'s)."""
+        return self.recipe_defaults.get(name, self.params.get(name, inspect.Parameter.empty))
 
 
-def register_merge(name: str) -> Callable[[MergeFn], MergeFn]:
-    """Decorator registering a merge function under ``name``.
+MERGE_METHODS: Registry[MergeSpec] = Registry("merge method")
+
+
+def register_merge_method(
+    name: str,
+    *,
+    needs_base: bool = True,
+    base_is_input: bool = False,
+    recipe_defaults: Mapping[str, Any] | None = None,
+    recipe_required: tuple[str, ...] = (),
+    recipe_ignored: tuple[str, ...] = (),
+) -> Callable[[MergeFn], MergeFn]:
+    """Decorator registering a merge function under ``name`` (from any module, yours included).
 
     Example:
-        >>> @register_merge("first")
+        >>> @sk.register_merge_method("first")
         ... def first(tensors, weights): return dict(tensors[0])
         >>> sk.merge([a, b], method="first")
     """
 
     def deco(fn: MergeFn) -> MergeFn:
-        MERGE_METHODS.add(name, fn)
+        MERGE_METHODS.add(
+            name,
+            MergeSpec(
+                name=name,
+                fn=fn,
+                needs_base=needs_base,
+                base_is_input=base_is_input,
+                recipe_defaults=dict(recipe_defaults or {}),
+                recipe_required=tuple(recipe_required),
+                recipe_ignored=tuple(recipe_ignored),
+            ),
+        )
         return fn
 
     return deco
+
+
+#: the name the merge functions have registered under so far
+register_merge = register_merge_method
+
+
+def set_plan(name: str, factory: Callable[..., Any]) -> None:
+    """Attach a streaming-plan factory to the registered method ``name`` (:mod:`~shiftkit.merging.plan`)."""
+    MERGE_METHODS.update(name, replace(MERGE_METHODS.get(name), plan=factory))
+
+
+def get_merge_method(name: str) -> MergeSpec:
+    """The :class:`MergeSpec` registered as ``name`` (``UnknownMethodError`` listing the known names)."""
+    import shiftkit.merging  # noqa: F401  (registers the built-in methods)
+
+    return MERGE_METHODS.get(name)
 
 
 def list_merge_methods() -> list[str]:

@@ -2,9 +2,10 @@
 
 ``v̂ = v/‖v‖`` (left as is when ‖v‖ ≤ 1e-8), ``c = ⟨v̂0, v̂1⟩``; if ``|c| > 0.9995`` return the lerp
 ``(1−t) v0 + t v1``; else ``Ω = arccos c`` and ``sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1`` on the
-original (unnormalised) tensors. By default it interpolates the **shifts** (``θ0 + slerp(τ0, τ1)``), which
-differs from mergekit's slerp of full weights; pass ``base=`` (the θ0 state dict) to interpolate weights:
-``slerp(θ0+τ0, θ0+τ1) − θ0``.
+original (unnormalised) tensors. Norms and the dot product accumulate in float64, block by block.
+By default it interpolates the **shifts** (``θ0 + slerp(τ0, τ1)``), which differs from mergekit's slerp of
+full weights; pass ``base=`` (the θ0 state dict) to interpolate weights: ``slerp(θ0+τ0, θ0+τ1) − θ0``
+(what a recipe does).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from shiftkit.core.functional import dot64, norm64
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.registry import register_merge
 
@@ -40,10 +42,11 @@ def slerp_tensor(v0: Tensor, v1: Tensor, t: float) -> Tensor:
         tensor([0.7071, 0.7071])
     """
     a, b = v0.to(torch.float32), v1.to(torch.float32)
-    na, nb = a.norm(), b.norm()
-    ua = a / na if na > EPS else a
-    ub = b / nb if nb > EPS else b
-    c = float((ua.reshape(-1) * ub.reshape(-1)).sum().clamp(-1.0, 1.0))
+    # norms and the dot product in float64: in float32 a 2e8-entry norm is ~3 % low, enough to push the
+    # cosine over the lerp threshold and silently interpolate linearly
+    na, nb = norm64(a), norm64(b)
+    c = dot64(a, b) / ((na if na > EPS else 1.0) * (nb if nb > EPS else 1.0))
+    c = min(max(c, -1.0), 1.0)
     if abs(c) > DOT_THRESHOLD:
         return (1.0 - t) * a + t * b
     omega = math.acos(c)
@@ -51,7 +54,7 @@ def slerp_tensor(v0: Tensor, v1: Tensor, t: float) -> Tensor:
     return (math.sin((1.0 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
 
 
-@register_merge("slerp")
+@register_merge("slerp", base_is_input=True, recipe_required=("t",))
 def slerp(
     tensors: list[dict[str, Tensor]],
     weights: list[float],

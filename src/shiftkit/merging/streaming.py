@@ -43,6 +43,7 @@ from shiftkit.merging.checkpoints import (
     parse_size,
 )
 from shiftkit.merging.recipe import ResolvedRecipe, load_recipe
+from shiftkit.merging.registry import MergeSpec
 
 __all__ = ["MergeSummary", "merge_recipe"]
 
@@ -97,10 +98,8 @@ class MergeSummary:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
-def _plan_for(recipe: ResolvedRecipe) -> Any:
-    from shiftkit.merging.plan import MERGE_PLANS
-
-    factory = MERGE_PLANS.get(recipe.method)
+def _plan_for(recipe: ResolvedRecipe, spec: MergeSpec) -> Any:
+    factory = spec.plan
     plan = factory(list(recipe.weights), **recipe.params) if factory is not None else None
     p = recipe.params
     # a global option that the registered plan (if any) does not cover would silently become per-tensor
@@ -124,7 +123,7 @@ def _lean_kernel(recipe: ResolvedRecipe, plan: Any) -> Any:
         return None
     if p.get("consensus") not in ("sum", "total", "count", "frequency"):
         return None
-    if recipe.method == "ties" and p.get("zero_sign") in (None, "positive"):
+    if recipe.method == "ties" and p.get("zero_sign") in (None, "positive") and p.get("rescale") == "none":
         return lambda acc, taus, weights, key: ties_into_(acc, taus, weights, p)
     if recipe.method == "dare_ties" and p.get("rescale") in ("l1", "inverse", "none"):
         return lambda acc, taus, weights, key: dare_ties_into_(acc, taus, weights, p, key)
@@ -132,14 +131,21 @@ def _lean_kernel(recipe: ResolvedRecipe, plan: Any) -> Any:
 
 
 def _merge_one(
-    fn: Any, plan: Any, recipe: ResolvedRecipe, key: str, taus: list[Tensor], theta0: Tensor, which: list[int]
+    spec: MergeSpec,
+    plan: Any,
+    recipe: ResolvedRecipe,
+    key: str,
+    taus: list[Tensor],
+    theta0: Tensor,
+    which: list[int],
 ) -> Tensor:
     if plan is not None:
         return plan.apply(key, taus, list(recipe.weights))
     ts = [taus[i] for i in which] if len(which) < len(taus) else taus
     ws = [recipe.weights[i] for i in which] if len(which) < len(taus) else list(recipe.weights)
-    extra = {"base": {key: theta0}} if recipe.method == "slerp" and recipe.base is not None else {}
-    merged = fn([{key: t} for t in ts], ws, **recipe.params, **extra)[key]
+    # weight-space methods (slerp, unnormalised linear) need θ0 itself; without a base θ0 = 0
+    extra = {"base": {key: theta0}} if spec.takes_base and recipe.base is not None else {}
+    merged = spec.fn([{key: t} for t in ts], ws, **recipe.params, **extra)[key]
     _check_finite(key, merged)
     return merged
 
@@ -231,7 +237,7 @@ def merge_recipe(
         >>> s.tensors, s.bytes_written
     """
     import shiftkit.merging  # noqa: F401  (registers the built-in methods)
-    from shiftkit.merging.registry import MERGE_METHODS
+    from shiftkit.merging.registry import get_merge_method
 
     t0 = time.perf_counter()
     r = recipe if isinstance(recipe, ResolvedRecipe) else load_recipe(recipe)
@@ -242,8 +248,8 @@ def merge_recipe(
     if max_shard_size is not None:  # the override is what the saved resolved recipe records
         r = replace(r, max_shard_size=parse_size(max_shard_size))
     shard_size = r.max_shard_size
-    fn = MERGE_METHODS.get(r.method)
-    plan = _plan_for(r)
+    spec = get_merge_method(r.method)
+    plan = _plan_for(r, spec)
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(r.base)) if r.base is not None else None
         models = [stack.enter_context(open_checkpoint(p)) for p in r.models]
@@ -289,7 +295,7 @@ def merge_recipe(
                 torch.set_num_threads(1)
             try:
                 written = _run(
-                    r, fn, plan, lay, base, models, entries, tmp, shard_size, as_shift, progress, device
+                    r, spec, plan, lay, base, models, entries, tmp, shard_size, as_shift, progress, device
                 )
             finally:
                 torch.set_num_threads(threads)
@@ -352,7 +358,7 @@ def _planned_outputs(
 
 def _run(
     r: ResolvedRecipe,
-    fn: Any,
+    spec: MergeSpec,
     plan: Any,
     lay: KeyLayout,
     base: Checkpoint | None,
@@ -385,7 +391,7 @@ def _run(
             lean(res, taus, weights, k)
             _check_finite(k, res)
             return res
-        tau = _merge_one(fn, plan, r, k, taus, theta0, lay.present[k])
+        tau = _merge_one(spec, plan, r, k, taus, theta0, lay.present[k])
         return tau if as_shift else theta0.add_(tau)
 
     def _numel(k: str) -> int:

@@ -13,7 +13,8 @@ from shiftkit.merging.registry import register_merge
 __all__ = ["task_arithmetic"]
 
 
-@register_merge("task_arithmetic")
+# mergekit accepts density and rescale for task_arithmetic but has no sparsification to apply them to
+@register_merge("task_arithmetic", recipe_required=("weight",), recipe_ignored=("density", "rescale"))
 def task_arithmetic(
     tensors: list[dict[str, Tensor]], weights: list[float], *, lambda_: float = 1.0, normalize: bool = False
 ) -> dict[str, Tensor]:

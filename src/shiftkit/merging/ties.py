@@ -30,6 +30,7 @@ from shiftkit.merging._ops import (
     SEMANTICS,
     elected_sign_sum,
     kth_smallest,
+    rescale_pruned,
     ties_disjoint_merge,
     topk_magnitude,
 )
@@ -68,7 +69,11 @@ def paper_trim(task: dict[str, Tensor], density: float) -> dict[str, Tensor]:
     return {k: torch.where(t.abs() >= thr.to(t.device), t, torch.zeros_like(t)) for k, t in task.items()}
 
 
-@register_merge("ties")
+@register_merge(
+    "ties",
+    recipe_defaults={"density": 1.0},  # mergekit: no trim unless the recipe asks for one
+    recipe_required=("weight",),
+)
 def ties(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
@@ -79,20 +84,23 @@ def ties(
     consensus: str = "sum",
     normalize: bool = True,
     zero_sign: str | None = None,
+    rescale: str = "none",
 ) -> dict[str, Tensor]:
     """TIES merge of aligned shifts.
 
     Args:
         tensors: T aligned float32 tensor dicts (any shapes, equal across t).
         weights: T weights (``semantics="paper"`` accepts only all-ones: the original has none).
-        density: fraction of entries kept by the trim (default 0.2, the paper's top-20 %; mergekit's own
-            default 1.0 means no trim).
+        density: fraction of entries kept by the trim (default 0.2, the paper's top-20 %). A recipe
+            (``shiftkit merge``) that omits it gets mergekit's default 1.0, no trim.
         semantics: ``"mergekit"``, ``"paper"`` or ``"peft"`` (see module docstring).
         lambda_: final scale λ (default 1, the paper's recommendation without validation data).
         consensus: ``"sum"`` (alias ``"total"``) or ``"count"`` (alias ``"frequency"``).
         normalize: mergekit only: divide by the agreeing weights' sum (default True, as mergekit).
         zero_sign: sign of a coordinate whose vote is 0: ``"positive"`` (peft, mergekit) or
             ``"global_majority"`` (paper); default per ``semantics``.
+        rescale: mergekit only: ``"l1"`` scales each trimmed tensor back to its L1 norm before the vote
+            (mergekit's ``rescale: true``); ``"none"`` (default, the paper's and mergekit's default).
 
     Returns:
         Merged tensors, same keys and shapes.
@@ -113,6 +121,11 @@ def ties(
     else:
         least = 1 if semantics == "mergekit" else 0  # mergekit keeps >= 1 entry per tensor; peft may keep 0
         pruned = [{k: topk_magnitude(v, density, least) for k, v in t.items()} for t in tensors]
+    if rescale != "none":
+        if semantics != "mergekit":
+            raise ShiftkitError(f"TIES rescale={rescale!r} is a mergekit option: use semantics='mergekit'")
+        if density < 1.0:
+            pruned = [{k: rescale_pruned(t[k], p[k], rescale) for k in t} for t, p in zip(tensors, pruned)]
     if zero_sign is None:
         zero_sign = "global_majority" if semantics == "paper" else "positive"
     mixed = ties_disjoint_merge(
@@ -133,7 +146,7 @@ class TiesPaperPlan:
         density: kept fraction K; ``lambda_``, ``consensus``, ``zero_sign`` as in :func:`ties`.
 
     Example:
-        >>> plan = MERGE_PLANS["ties"]([1.0, 1.0], semantics="paper", density=0.2)
+        >>> plan = get_merge_method("ties").plan([1.0, 1.0], semantics="paper", density=0.2)
         >>> out = run_plan_in_memory(plan, [tv1.tensors, tv2.tensors], [1.0, 1.0])
         >>> plan.n_passes
         5
@@ -202,6 +215,7 @@ def ties_plan(
     consensus: str = "sum",
     normalize: bool = True,
     zero_sign: str | None = None,
+    rescale: str = "none",
 ) -> TiesPaperPlan | None:
     """Streaming plan for :func:`ties`: a :class:`TiesPaperPlan` for ``semantics="paper"``, else None.
 
@@ -220,6 +234,8 @@ def ties_plan(
         raise ShiftkitError(f"unknown TIES semantics {semantics!r}; use one of {list(SEMANTICS)}")
     if semantics != "paper":
         return None
+    if rescale != "none":
+        raise ShiftkitError(f"TIES rescale={rescale!r} is a mergekit option: use semantics='mergekit'")
     if density < 0:
         raise ShiftkitError(f"TIES density must be >= 0, got {density}")
     if any(w != 1.0 for w in weights):
