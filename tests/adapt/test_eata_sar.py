@@ -407,7 +407,7 @@ def test_sar_exclude_patterns() -> None:
     kept = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if id(p) in ids})
     assert kept == sorted(["layer3.0"] + [f"blocks.{i}.0" for i in range(9)])
     assert all(not p.requires_grad for p in model.norm.parameters())
-    all_norms = adapt.make("sar", _Named())
+    all_norms = adapt.make("sar", _Named(), exclude="none")
     assert len(all_norms.adapted_parameters()) == 2 * (2 + 12 + 1)
     with pytest.raises(ShiftkitError, match="all are excluded"):
         adapt.make("sar", _Named(), exclude=[".*"])

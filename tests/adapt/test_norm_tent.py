@@ -166,3 +166,22 @@ def test_tent_without_affine_norms() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, elementwise_affine=False), nn.Linear(4, 2))
     with pytest.raises(ShiftkitError, match=r"'tent'.*affine.*LayerNorm, GroupNorm"):
         adapt.make("tent", model)
+
+
+def test_adam_moves_every_parameter_by_about_lr_whatever_its_gradient() -> None:
+    """The documented step size: Adam's first step is lr·g/(|g| + eps) per parameter (Kingma & Ba, Alg. 1),
+    ≈ lr even where the entropy's gradient is tiny; an SGD step would be in proportion to the gradient."""
+    tta = adapt.make("tent", _net(with_bn=True), lr=1e-3)
+    params = tta.adapted_parameters()
+    before = [p.detach().clone() for p in params]
+    x = _shifted(torch.randn(16, 6, generator=torch.Generator().manual_seed(4)))
+    with torch.enable_grad():
+        grads = torch.autograd.grad(tta.loss(tta.model(x)), params)  # the gradient tta(x) will use
+    tta(x)
+    for p, b, g in zip(params, before, grads, strict=True):
+        torch.testing.assert_close(p.detach() - b, -1e-3 * g / (g.abs() + 1e-8), atol=2e-7, rtol=1e-3)
+    mags = torch.cat([g.reshape(-1) for g in grads]).abs()
+    moved = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, before, strict=True)]).abs()
+    small = (mags > 1e-7) & (mags < 1e-2 * mags.max())  # gradients 100x smaller than the largest...
+    assert bool(small.any())
+    assert float(moved[small].min()) > 0.9e-3  # ...still move their parameter by 0.9·lr or more

@@ -70,7 +70,10 @@ class TTAMethod(nn.Module):
             exponential average (momentum 0.9) of the batch-mean prediction entropy is updated; when it
             falls below this many nats the model has collapsed onto confident predictions and the method
             resets to the source state (counted in ``collapse_resets``). SAR's model recovery uses the
-            same mechanism on its own loss.
+            same mechanism on its own loss. Entropy methods with Adam move every collected parameter by
+            about ``lr`` per step whatever its gradient (see :class:`NormAffineMethod`), so on a long
+            stream the parameters drift steadily even where the loss barely depends on them: the guard
+            is what brings such a drift back.
 
     Example:
         >>> tta = adapt.make("tent", model, lr=1e-3)
@@ -334,10 +337,19 @@ def norm_affine_params(
 class NormAffineMethod(TTAMethod):
     """Base of the entropy methods (TENT, EATA, SAR): adapt the norm layers' affine parameters.
 
-    The model is put in eval mode with every BatchNorm on batch statistics (mariodoebler's choice, spec
-    pitfall §7.3: dropout and stochastic depth stay off), all gradients off except the weight and bias of
-    the affine BatchNorm/LayerNorm/GroupNorm layers. The optimizer is Adam (β = (0.9, 0.999)) or Nesterov
-    SGD (momentum 0.9) from ``self.optimizer_name``, ``self.lr`` and ``self.weight_decay``.
+    The model is put in eval mode with every BatchNorm on batch statistics (as in mariodoebler's
+    test-time-adaptation collection: dropout and stochastic depth stay off), all gradients off except the
+    weight and bias of the affine BatchNorm/LayerNorm/GroupNorm layers. The optimizer is Adam
+    (β = (0.9, 0.999)) or Nesterov SGD (momentum 0.9) from ``self.optimizer_name``, ``self.lr`` and
+    ``self.weight_decay``.
+
+    With Adam every collected parameter moves by about ``lr`` per step **whatever the size of its
+    gradient**: Adam divides the gradient by its own running magnitude, so its first step is
+    ``lr·g/(|g| + 1e-8)``, ``≈ lr·sign(g)`` even for ``|g| = 1e-7`` (a fifth of EfficientNet-Lite0's BN
+    parameters get gradients that small from the entropy). The set of collected parameters, not the
+    gradient, then decides what changes, and over a long stream every γ and β drifts by roughly
+    ``lr × steps``. The TENT reference does the same (shiftkit matches it to float noise); for steps in
+    proportion to the gradient use ``optimizer="sgd"``, and keep the collapse guard on for long streams.
 
     Example:
         >>> class Mine(NormAffineMethod):

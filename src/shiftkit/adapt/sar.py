@@ -21,10 +21,24 @@ gradient (which moves the parameters by the momentum alone); shiftkit skips the 
 sample survives. The reference's ``reset`` after recovery does not clear its ema (a bug mariodoebler fixed);
 ours clears it.
 
-Excluded layers: the paper does not adapt the top of the network, ResNet ``layer4``, ViT ``blocks.9–11`` and
-the final ``norm``; pass ``exclude=PAPER_EXCLUDE`` (``("layer4", r"blocks\\.(9|10|11)", "norm")``) for those
-architectures. The default excludes nothing (the right set depends on the model). Learning rate: 2.5e-4 is
-the ResNet-50-BN setting at batch 64; the references use 1e-3 for ViT/Swin.
+Excluded layers (``exclude``): the SAR reference code (``collect_params`` in mr-eggplant/SAR ``sar.py``) does
+not adapt the top of the network, with name tests written for two families: ResNet's ``layer4``, and
+ViT-Base's ``blocks.9``–``blocks.11`` plus its final ``norm``. shiftkit offers that rule per family:
+
+* ``"auto"`` (default): ResNet (a module named ``layer4``) → its ``layer4`` is excluded; ViT (a
+  ``blocks`` list of numbered blocks beside a final ``norm``) → ``blocks.9``–``11`` and ``norm`` are
+  excluded, literally as the reference does (written for ViT-Base's 12 blocks); a model of another
+  family (EfficientNet, ConvNeXt, your own) matches neither rule, and **every** affine norm layer is
+  adapted. ``tta.excluded`` lists the norm layers left out and ``tta.exclude_rule`` the family found.
+* ``"resnet"`` / ``"vit"``: that family's rule, whatever the model.
+* ``"reference"``: the reference's own substring tests, verbatim (``"layer4"``, ``"blocks.9"``,
+  ``"blocks.10"``, ``"blocks.11"`` or ``"norm."`` in the name, or the name ``"norm"``). On other
+  architectures they can match by accident: EfficientNet-Lite0's ``_blocks.9``–``11`` contain
+  ``"blocks.9"``–``"blocks.11"`` and would be frozen.
+* ``()`` or ``"none"``: adapt every affine norm layer; a list of regular expressions: a norm layer is
+  frozen when one fullmatches its name or a parent's name.
+
+Learning rate: 2.5e-4 is the ResNet-50-BN setting at batch 64; the references use 1e-3 for ViT/Swin.
 
 Reference: Niu et al., "Towards Stable Test-Time Adaptation in Dynamic Wild World", ICLR 2023,
 https://arxiv.org/abs/2302.12400.
@@ -49,14 +63,62 @@ from shiftkit.adapt.base import (
 from shiftkit.adapt.registry import register_adapt
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["PAPER_EXCLUDE", "SAR"]
+__all__ = ["EXCLUDE_RULES", "PAPER_EXCLUDE", "SAR", "reference_excluded"]
 
-#: The layers the SAR paper leaves frozen: ResNet ``layer4``, ViT-Base ``blocks.9``–``11`` and the final
-#: ``norm`` (each pattern must fullmatch a module name or one of its parents' names).
-PAPER_EXCLUDE: tuple[str, ...] = ("layer4", r"blocks\.(9|10|11)", "norm")
+#: The reference's frozen top layers per architecture family, as regular expressions that fullmatch a
+#: module name or one of its parents' names (a leading path is allowed: a wrapped model works too).
+EXCLUDE_RULES: dict[str, tuple[str, ...]] = {
+    "resnet": (r"(.*\.)?layer4",),
+    "vit": (r"(.*\.)?blocks\.(9|10|11)", r"(.*\.)?norm"),
+}
+#: Both families' layers at once (the reference applies its tests to every model).
+PAPER_EXCLUDE: tuple[str, ...] = (*EXCLUDE_RULES["resnet"], *EXCLUDE_RULES["vit"])
+
+
+def reference_excluded(name: str) -> bool:
+    """The SAR reference's own test of a module name (``collect_params``), verbatim.
+
+    Example:
+        >>> reference_excluded("_blocks.9._bn0"), reference_excluded("layer3.0.bn1")
+        (True, False)
+    """
+    tests = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
+    return any(t in name for t in tests) or name == "norm"
+
+
+def detect_family(model: nn.Module) -> str | None:
+    """``"resnet"``, ``"vit"`` or ``None``: which of the reference's architecture families ``model`` is.
+
+    ResNet: a module named ``layer4`` (torchvision, timm). ViT: numbered modules ``blocks.<i>`` and a
+    module ``norm`` that is not inside a block (timm's final norm).
+    """
+    names = [n for n, _ in model.named_modules()]
+    if any(re.fullmatch(EXCLUDE_RULES["resnet"][0], n) for n in names):
+        return "resnet"
+    has_blocks = any(re.fullmatch(r"(.*\.)?blocks\.\d+", n) for n in names)
+    final_norm = any(re.fullmatch(r"(.*\.)?norm", n) and not re.search(r"blocks\.\d+\.", n) for n in names)
+    return "vit" if has_blocks and final_norm else None
+
 
 #: Added to the gradient norm before dividing (SAM reference) so a zero gradient gives ε = 0, not NaN.
 _NORM_EPS = 1e-12
+
+
+def _resolve_exclude(model: nn.Module, exclude: str | Sequence[str]) -> tuple[str | None, list[str]]:
+    """The rule's name and its regular expressions for the ``exclude`` argument."""
+    if isinstance(exclude, str):
+        if exclude == "auto":
+            family = detect_family(model)
+            return family, list(EXCLUDE_RULES[family]) if family else []
+        if exclude in EXCLUDE_RULES:
+            return exclude, list(EXCLUDE_RULES[exclude])
+        if exclude == "reference":
+            return "reference", []
+        if exclude == "none":
+            return None, []
+        return "custom", [exclude]  # one regular expression
+    patterns = list(exclude)
+    return ("custom" if patterns else None), patterns
 
 
 def _excluded(name: str, patterns: list[re.Pattern[str]]) -> bool:
@@ -78,20 +140,26 @@ class SAR(NormAffineMethod):
         lr: SGD learning rate (2.5e-4: ResNet-50-BN at batch 64; use 1e-3 for ViT/Swin).
         rho: SAM neighbourhood radius ρ (0.05, the reference).
         e_margin: entropy margin ``E0`` in nats; ``None`` = ``0.4·ln C``, ``C`` from the first batch.
-        exclude: regular expressions; a norm layer is frozen when one fullmatches its name or a parent's
-            name (default: none; :data:`PAPER_EXCLUDE` is the paper's ResNet/ViT set).
+        exclude: which norm layers stay frozen: ``"auto"`` (default: the reference's rule for the model's
+            family, ResNet or ViT; every layer adapted on other models), ``"resnet"``, ``"vit"``,
+            ``"reference"`` (the reference's substring tests verbatim), ``"none"``, or regular
+            expressions fullmatching a layer's or a parent's name (see the module docstring).
         collapse_entropy: SAR's recovery threshold ``e_m`` (0.2): reset to the source when the moving
             average of ``L2`` falls below it; ``None`` disables recovery.
 
     Attributes:
         collapse_resets: number of model recoveries so far.
+        excluded: names of the affine norm layers left frozen by ``exclude``.
+        exclude_rule: the rule applied (``"resnet"``, ``"vit"``, ``"reference"``, ``"custom"`` or ``None``
+            when nothing is excluded).
 
     Raises:
         ShiftkitError: no adaptable norm layer (none, or all excluded), bad ``lr`` / ``rho`` / ``e_margin``
             / ``exclude`` pattern, outputs that are not ``(N, C)``.
 
     Example:
-        >>> tta = adapt.make("sar", vit, lr=1e-3, exclude=PAPER_EXCLUDE)
+        >>> tta = adapt.make("sar", vit, lr=1e-3)   # blocks 9-11 and the final norm stay frozen
+        >>> tta.excluded[:2]
         >>> logits = tta(x)        # (N, C) outputs of the first forward; θ updated by one SAM step
         >>> tta.collapse_resets    # model recoveries so far
     """
@@ -105,7 +173,7 @@ class SAR(NormAffineMethod):
         lr: float = 2.5e-4,
         rho: float = 0.05,
         e_margin: float | None = None,
-        exclude: Sequence[str] = (),
+        exclude: str | Sequence[str] = "auto",
         collapse_entropy: float | None = 0.2,
     ) -> None:
         self.set_optimizer_options(lr, "sgd")
@@ -113,8 +181,8 @@ class SAR(NormAffineMethod):
             raise ShiftkitError(f"adapt method 'sar': rho must be a finite number >= 0, got {rho!r}")
         self.rho = float(rho)
         self.e_margin = None if e_margin is None else check_positive("sar", "e_margin", e_margin)
-        patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-        self.exclude = tuple(patterns)
+        self.exclude_rule, patterns = _resolve_exclude(model, exclude)
+        self.exclude = exclude if isinstance(exclude, str) else tuple(exclude)
         self._exclude_re: list[re.Pattern[str]] = []
         for p in patterns:
             if not isinstance(p, str):
@@ -123,12 +191,25 @@ class SAR(NormAffineMethod):
                 self._exclude_re.append(re.compile(p))
             except re.error as e:
                 raise ShiftkitError(f"adapt method 'sar': exclude pattern {p!r} is not a regex: {e}") from e
+        self.excluded: list[str] = []
         super().__init__(model, episodic=episodic, steps=steps, collapse_entropy=collapse_entropy)
 
     # --- TTAMethod hooks --------------------------------------------------------------------------
     def collect_params(self) -> list[nn.Parameter]:
         """Weight and bias of every affine norm layer not matched by ``exclude``, in module order."""
-        return norm_affine_params(self.model, self.name, lambda name: _excluded(name, self._exclude_re))
+        self.excluded = []
+
+        def frozen(name: str) -> bool:
+            out = (
+                reference_excluded(name)
+                if self.exclude_rule == "reference"
+                else _excluded(name, self._exclude_re)
+            )
+            if out:
+                self.excluded.append(name)
+            return out
+
+        return norm_affine_params(self.model, self.name, frozen)
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The base optimizer of SAM: SGD with momentum 0.9 (no Nesterov, no weight decay; reference)."""
@@ -208,4 +289,7 @@ class SAR(NormAffineMethod):
 
     def extra_repr(self) -> str:
         e0 = "0.4·ln C" if self.e_margin is None else f"{self.e_margin}"
-        return f"{super().extra_repr()}, lr={self.lr}, rho={self.rho}, e_margin={e0}, exclude={self.exclude}"
+        return (
+            f"{super().extra_repr()}, lr={self.lr}, rho={self.rho}, e_margin={e0}, exclude={self.exclude!r} "
+            f"({self.exclude_rule}: {len(self.excluded)} norm layers frozen)"
+        )
