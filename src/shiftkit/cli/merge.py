@@ -17,7 +17,8 @@ Nothing is left behind if the merge fails or is interrupted.
 """
 
 EPILOG = """\
-recipe (mergekit's shape; unknown keys are an error):
+recipe (mergekit's shape and meaning: mergekit's defaults apply, e.g. density 1.0 = no pruning, and what
+mergekit requires is required, e.g. every model's weight; unknown keys are an error):
   merge_method: ties
   base_model: models/base                  # HF folder or .safetensors file
   models:                                  # HF folders, .safetensors files or shiftkit shift files
