@@ -286,7 +286,7 @@ def test_cli_fold_untie(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys:
     spec = "tiny_models:make_tied_llama"
     monkeypatch.syspath_prepend(str(Path(__file__).parent.parent))
     rc = main(["fold", str(tmp_path / "head.safetensors"), "--model", spec, "--output", str(tmp_path / "a")])
-    assert rc == 2 and "untie=True" in capsys.readouterr().err
+    assert rc == 2 and "Pass --untie" in capsys.readouterr().err
     args = ["fold", str(tmp_path / "head.safetensors"), "--model", spec, "--output", str(tmp_path / "b")]
     with pytest.warns(UserWarning):
         rc = main([*args, "--untie"])

@@ -14,7 +14,8 @@ EXAMPLE = """example:
 embedding) gets its own copy of that weight; without it such a fold is refused, since it would change both.
 
 The model spec is a zoo name (shiftkit zoo list), "package.module:function", or a Hugging Face model folder.
-Writes <output>/model.safetensors (the folded state dict, written atomically) and prints what was folded.
+Writes <output>/model.safetensors (the folded state dict, written atomically), and for a transformers model
+its config.json (from_pretrained(<output>) then loads the folded model), and prints what was folded.
 """
 
 
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from shiftkit.cli._table import format_table, write_json
     from shiftkit.core import attach_, fold_, get_method, load
     from shiftkit.core.io import atomic_save_tensors
+    from shiftkit.errors import TiedWeightsError
     from shiftkit.recipes.loading import resolve_model
 
     shift = load(args.shift)
@@ -57,13 +59,21 @@ def run(args: argparse.Namespace) -> int:
     tensors_before = len(list(model.parameters()))  # named_parameters() lists a tied tensor once
     t0 = time.perf_counter()
     attach_(model, shift)
-    fold_(model, untie=args.untie)
+    try:
+        fold_(model, untie=args.untie)
+    except TiedWeightsError as err:
+        raise TiedWeightsError(str(err).replace("Pass untie=True", "Pass --untie")) from None
     seconds = time.perf_counter() - t0
     after = sum(p.numel() for p in model.parameters())
     tensors_after = len(list(model.parameters()))
     out = Path(args.output) / "model.safetensors"
     state = {k: v for k, v in model.state_dict().items()}
     atomic_save_tensors(state, out, {"format": "pt", "shiftkit_folded": Path(args.shift).name})
+    to_json = getattr(getattr(model, "config", None), "to_json_string", None)
+    if callable(to_json):  # a transformers model: its config too (untied when --untie untied its head)
+        from shiftkit._fileio import atomic_write_text
+
+        atomic_write_text(out.parent / "config.json", to_json())
     info = {
         "shift": args.shift,
         "method": spec.name,

@@ -256,8 +256,8 @@ class LoraMergeResult:
 
 
 def _rel_error(approx: Tensor, exact: Tensor) -> float:
-    diff = float(torch.linalg.vector_norm((approx.to(torch.float32) - exact.to(torch.float32)).reshape(-1)))
-    norm = float(torch.linalg.vector_norm(exact.to(torch.float32).reshape(-1)))
+    diff = skf.norm64(approx.to(torch.float32) - exact.to(torch.float32))  # float64 sums: a whole tensor
+    norm = skf.norm64(exact)
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / norm
