@@ -6,7 +6,8 @@ Example:
     >>> opt = torch.optim.AdamW(sk.shift_parameters(model), lr=1e-3)
 
 The public names are loaded lazily (PEP 562), so ``import shiftkit`` and ``shiftkit --help`` do not
-import torch; the first use of a name imports the core and registers every method.
+import torch; the first use of a name imports its module, and each registry imports its built-in methods
+on its first look-up.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ _API: dict[str, str] = {
     "PEGOConfig": "shiftkit.methods.pego",
     "SubspaceConfig": "shiftkit.methods.subspace",
     "RecursiveConfig": "shiftkit.methods.recursive",
-    "export_peft": "shiftkit.methods._peft",
-    "import_peft": "shiftkit.methods._peft",
+    "export_peft": "shiftkit.interop.peft",
+    "import_peft": "shiftkit.interop.peft",
     "list_methods": "shiftkit.core.registry",
     "register_method": "shiftkit.core.registry",
     "get_method": "shiftkit.core.registry",
@@ -52,21 +53,21 @@ _API: dict[str, str] = {
     "to_delta": "shiftkit.core.delta",
     "apply_": "shiftkit.core.delta",
     # merging
-    "merge": "shiftkit.merging.api",
+    "merge": "shiftkit.merging.in_memory",
     "list_merge_methods": "shiftkit.merging.registry",
-    "merge_recipe": "shiftkit.merging.streaming",
-    "MergeSummary": "shiftkit.merging.streaming",
+    "merge_recipe": "shiftkit.merging.stream.runner",
+    "MergeSummary": "shiftkit.merging.stream.runner",
     "merge_lora": "shiftkit.merging.lowrank",
     "lora_to_delta": "shiftkit.merging.lowrank",
     "LoraMergeResult": "shiftkit.merging.lowrank",
-    "learn_atlas": "shiftkit.merging.atlas",
-    "AtlasResult": "shiftkit.merging.atlas",
-    "ShiftPool": "shiftkit.merging.pool",
-    "KeyQueryRouter": "shiftkit.merging.routers",
-    "LearnedRouter": "shiftkit.merging.routers",
-    "attach_router_": "shiftkit.merging.routing",
-    "detach_router_": "shiftkit.merging.routing",
-    "train_router": "shiftkit.merging.routing",
+    "learn_atlas": "shiftkit.merging.atlas.method",
+    "AtlasResult": "shiftkit.merging.atlas.method",
+    "ShiftPool": "shiftkit.merging.routing.pool",
+    "KeyQueryRouter": "shiftkit.merging.routing.routers",
+    "LearnedRouter": "shiftkit.merging.routing.routers",
+    "attach_router_": "shiftkit.merging.routing.attach",
+    "detach_router_": "shiftkit.merging.routing.attach",
+    "train_router": "shiftkit.merging.routing.attach",
     # errors
     "ShiftkitError": "shiftkit.errors",
     "NotFoldableError": "shiftkit.errors",
@@ -85,8 +86,6 @@ def __getattr__(name: str) -> Any:
     module_name = _API.get(name)
     if module_name is None:
         raise AttributeError(f"module 'shiftkit' has no attribute {name!r}")
-    if module_name != "shiftkit.errors":
-        importlib.import_module("shiftkit.methods")  # registers every method before any look-up
     value = getattr(importlib.import_module(module_name), name)
     globals()[name] = value
     return value
@@ -120,15 +119,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TiedWeightsError,
         UnknownMethodError,
     )
-    from shiftkit.merging.api import merge
-    from shiftkit.merging.atlas import AtlasResult, learn_atlas
+    from shiftkit.interop.peft import export_peft, import_peft
+    from shiftkit.merging.atlas.method import AtlasResult, learn_atlas
+    from shiftkit.merging.in_memory import merge
     from shiftkit.merging.lowrank import LoraMergeResult, lora_to_delta, merge_lora
-    from shiftkit.merging.pool import ShiftPool
     from shiftkit.merging.registry import list_merge_methods
-    from shiftkit.merging.routers import KeyQueryRouter, LearnedRouter
-    from shiftkit.merging.routing import attach_router_, detach_router_, train_router
-    from shiftkit.merging.streaming import MergeSummary, merge_recipe
-    from shiftkit.methods._peft import export_peft, import_peft
+    from shiftkit.merging.routing.attach import attach_router_, detach_router_, train_router
+    from shiftkit.merging.routing.pool import ShiftPool
+    from shiftkit.merging.routing.routers import KeyQueryRouter, LearnedRouter
+    from shiftkit.merging.stream.runner import MergeSummary, merge_recipe
     from shiftkit.methods.adapter import AdapterConfig
     from shiftkit.methods.bitfit import BitFitConfig
     from shiftkit.methods.ia3 import IA3Config

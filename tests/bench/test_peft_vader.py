@@ -13,9 +13,10 @@ import pytest
 import shiftkit as sk
 from conftest import need_asset
 from shiftkit.bench import peft_vader as pv
-from shiftkit.bench._suite import VaderSettings, method_plan
 from shiftkit.bench.report import format_table, render_suite_html, suite_table_rows
 from shiftkit.cli import main
+from shiftkit.recipes import vader_classify as vc
+from shiftkit.recipes.vader_classify import VaderSettings, method_plan
 
 DOMAINS = ["tweets", "movies", "amazon", "nyt"]
 ROW_KEYS = {
@@ -28,17 +29,17 @@ ROW_KEYS = {
 def test_every_registered_method_has_a_plan_that_builds() -> None:
     s = VaderSettings()
     for name in sk.list_methods():
-        assert name in pv.PLANS, f"{name} is registered but has no MiniLM plan in peft_vader.PLANS"
+        assert name in vc.PLANS, f"{name} is registered but has no MiniLM plan in vader_classify.PLANS"
         plan = method_plan(name, s)
         assert plan.config is not None and sk.get_method(plan.config) is sk.get_method(name)
         assert "head" in plan.config.modules_to_save  # every shift trains the new head too
-        assert plan.train.lr == pv.PLANS[name].lr
+        assert plan.train.lr == vc.PLANS[name].lr
     assert method_plan("probe", s).config is None and method_plan("probe", s).train.epochs == 30
-    assert method_plan("full", VaderSettings(lr_scale=2.0)).train.lr == 2 * pv.PLANS["full"].lr
+    assert method_plan("full", VaderSettings(lr_scale=2.0)).train.lr == 2 * vc.PLANS["full"].lr
 
 
 def test_plan_config_that_does_not_fit_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(pv.PLANS, "lora", pv.PlanSpec(lr=1e-3, notes="", config={"rank": 8}))
+    monkeypatch.setitem(vc.PLANS, "lora", vc.PlanSpec(lr=1e-3, notes="", config={"rank": 8}))
     with pytest.raises(sk.ShiftkitError, match=r"lora: the plan's config does not fit LoRAConfig"):
         method_plan("lora", VaderSettings())
     with pytest.raises(sk.ShiftkitError, match="no MiniLM plan"):
@@ -51,7 +52,7 @@ def test_select_orders_rows_and_reports_what_is_skipped() -> None:
     assert rows == ["probe", "full", "lora", "bitfit"]  # table order; probe first (LP-FT)
     reasons = {s["method"]: s["reason"] for s in skipped}
     assert "no MiniLM plan" in reasons["newmethod"]
-    assert set(reasons) == {"newmethod"} | (set(pv.PLANS) - {"probe", "full", "lora", "bitfit"})
+    assert set(reasons) == {"newmethod"} | (set(vc.PLANS) - {"probe", "full", "lora", "bitfit"})
     assert all("not registered" in reasons[m] for m in set(reasons) - {"newmethod"})
     rows, skipped = pv._select(["bitfit", "full"], registered, lp_ft=True)
     assert rows == ["probe", "full", "bitfit"] and skipped == []  # the probe's head starts the others

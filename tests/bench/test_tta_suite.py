@@ -12,8 +12,9 @@ from torch import nn
 
 from conftest import need_asset
 from shiftkit.bench import tta_fmnist_c as suite
-from shiftkit.bench._tta_sources import digits_images, grey28_to_rgb32
 from shiftkit.cli import main
+from shiftkit.data import grey28_to_rgb32
+from shiftkit.recipes.image_source import digits_images
 
 
 class Probe(nn.Module):

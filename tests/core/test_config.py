@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 import shiftkit as sk
-from shiftkit.core.config import config_from_dict, config_to_dict
+from shiftkit.core.config import config_to_dict
+from shiftkit.core.registry import config_from_dict
 
 
 def test_configs_are_frozen_and_hashable() -> None:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 import shiftkit as sk
-from shiftkit.core.config import ShiftConfig, config_from_dict, config_to_dict
+from shiftkit.core.config import ShiftConfig, config_to_dict
+from shiftkit.core.registry import config_from_dict
 from shiftkit.core.wrapper import is_shift_module
 from tiny_models import TINY_MODELS, make
 

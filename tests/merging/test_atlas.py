@@ -14,7 +14,7 @@ from torch.func import functional_call
 import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
-from shiftkit.merging._atlas_train import AtlasBlocks, atlas_partition, entropy_loss
+from shiftkit.merging.atlas.blocks import AtlasBlocks, atlas_partition, entropy_loss
 from tiny_models import make
 
 

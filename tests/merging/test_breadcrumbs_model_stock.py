@@ -10,8 +10,8 @@ import torch
 import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging._ops import topk_magnitude
 from shiftkit.merging.breadcrumbs import breadcrumbs_mask
+from shiftkit.merging.consensus import topk_magnitude
 from shiftkit.merging.model_stock import model_stock_ratio
 
 # spec §1.1 worked vectors

@@ -14,10 +14,10 @@ from torch import Tensor
 
 import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.merging._kth import KthLargestMagnitude, OrderStatistics, decode_key, order_key
-from shiftkit.merging._ops import topk_magnitude, topk_mask
-from shiftkit.merging.plan import run_plan_in_memory
+from shiftkit.merging.consensus import topk_magnitude, topk_mask
 from shiftkit.merging.registry import MERGE_METHODS, get_merge_method
+from shiftkit.merging.stream.multipass import run_plan_in_memory
+from shiftkit.merging.stream.order_stats import KthLargestMagnitude, OrderStatistics, decode_key, order_key
 
 
 def chunks(seed: int, kind: str) -> list[Tensor]:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError, UnknownMethodError
-from shiftkit.merging._ops import dare_rescale
+from shiftkit.merging.consensus import dare_rescale
 from shiftkit.merging.slerp import slerp_tensor
 
 # spec §1.1 worked vectors

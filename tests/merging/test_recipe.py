@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import save_file
 
 from shiftkit.errors import ShiftkitError, UnknownMethodError
-from shiftkit.merging.recipe import load_recipe, resolve_recipe
+from shiftkit.merging.stream.recipe import load_recipe, resolve_recipe
 
 
 @pytest.fixture

@@ -312,7 +312,7 @@ def test_float64_reductions_stay_exact_on_2e8_entries_in_small_memory() -> None:
 
 
 def test_model_stock_and_dare_rescale_use_float64_sums() -> None:
-    from shiftkit.merging._ops import l1_rescaled
+    from shiftkit.merging.consensus import l1_rescaled
     from shiftkit.merging.model_stock import model_stock_ratio
 
     g = torch.Generator().manual_seed(1)

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from shiftkit.merging import _stream_ties as streaming
 from shiftkit.merging.registry import MERGE_METHODS
+from shiftkit.merging.stream import kernels as streaming
 
 LEAN = [
     ({"density": 0.5}, [1.0, 2.0, 0.5]),

@@ -20,10 +20,15 @@ from torch import Tensor
 import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
-from shiftkit.merging import plan as plan_mod
-from shiftkit.merging.checkpoints import ShardedWriter, open_checkpoint, parse_size, read_safetensors_header
 from shiftkit.merging.registry import MERGE_METHODS, MergeSpec
-from shiftkit.merging.streaming import merge_recipe
+from shiftkit.merging.stream import multipass as plan_mod
+from shiftkit.merging.stream.checkpoints import (
+    ShardedWriter,
+    open_checkpoint,
+    parse_size,
+    read_safetensors_header,
+)
+from shiftkit.merging.stream.runner import merge_recipe
 
 transformers = pytest.importorskip("transformers")
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.merging._ops import dare_keep_mask, key_seed
+from shiftkit.merging.consensus import dare_keep_mask, key_seed
 
 TINY = {
     "vocab_size": 96,
@@ -138,9 +138,9 @@ def _run_mergekit(mk: ModuleType, recipe: dict[str, Any], out: Path) -> dict[str
 
 def _streaming_module() -> ModuleType | None:
     # find_spec rather than importorskip: an import error *inside* the module must fail the test
-    if importlib.util.find_spec("shiftkit.merging.streaming") is None:
+    if importlib.util.find_spec("shiftkit.merging.stream.runner") is None:
         return None
-    return importlib.import_module("shiftkit.merging.streaming")
+    return importlib.import_module("shiftkit.merging.stream.runner")
 
 
 def _check(models: dict[str, Any], merged: Shift, got: dict[str, Tensor], what: str) -> None:
@@ -349,4 +349,6 @@ def test_slerp_of_weights(
 def test_streaming_merge_is_present() -> None:
     """The streaming recipe merge (issue 4) is compared above whenever it exists; say so when it does not."""
     if _streaming_module() is None:
-        pytest.skip("shiftkit.merging.streaming is not written yet: only sk.merge was compared to mergekit")
+        pytest.skip(
+            "shiftkit.merging.stream.runner is not written yet: only sk.merge was compared to mergekit"
+        )

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 import shiftkit as sk
 from conftest import need_asset
-from shiftkit.core.config import config_from_dict, config_to_dict
+from shiftkit.core.config import config_to_dict
+from shiftkit.core.registry import config_from_dict
 from shiftkit.methods.linear_adapter import LinearAdapterLinear, linear_adapter_affine
 
 

@@ -168,7 +168,7 @@ def test_export_with_a_task_type_of_other_semantics(tmp_path: Path) -> None:
 def test_config_refuses_unknown_task_types_and_reads_version_1() -> None:
     with pytest.raises(sk.ShiftkitError, match="task_type"):
         sk.PromptTuningConfig(task_type="SEQ_2_SEQ_LM")
-    from shiftkit.core.config import config_from_dict
+    from shiftkit.core.registry import config_from_dict
 
     old = {"method": "prompt_tuning", "version": 1, "config": {"num_virtual_tokens": 4}}
     assert config_from_dict(old).task_type is None  # files written before task_type keep their meaning

@@ -2,7 +2,7 @@
 
 Example:
     >>> from shiftkit import adapt
-    >>> tta = adapt.make("tent", model, lr=1e-3)   # adapt.list_methods() -> ['norm', 'source', 'tent']
+    >>> tta = adapt.make("tent", model, lr=1e-3)   # adapt.list_methods(): every registered method
     >>> logits = tta(x); tta.reset()
 
 Methods follow the online protocol of :class:`~shiftkit.adapt.base.TTAMethod` (predict, adapt, return the
@@ -19,7 +19,7 @@ from shiftkit.adapt.evaluate import TTARun, evaluate
 from shiftkit.adapt.label_shift import LabelShift
 from shiftkit.adapt.lame import Lame
 from shiftkit.adapt.norm import Norm
-from shiftkit.adapt.registry import list_methods, make, register_adapt
+from shiftkit.adapt.registry import AdaptSpec, get_method, list_methods, make, register_adapt, register_method
 from shiftkit.adapt.sar import SAR
 from shiftkit.adapt.source import Source
 from shiftkit.adapt.tent import Tent, softmax_entropy
@@ -28,6 +28,7 @@ __all__ = [
     "BNEMA",
     "EATA",
     "SAR",
+    "AdaptSpec",
     "AlphaBN",
     "LabelShift",
     "Lame",
@@ -37,8 +38,10 @@ __all__ = [
     "TTARun",
     "Tent",
     "evaluate",
+    "get_method",
     "list_methods",
     "make",
     "register_adapt",
+    "register_method",
     "softmax_entropy",
 ]

@@ -27,12 +27,12 @@ from torch import nn
 
 from shiftkit.adapt.base import TTAMethod
 from shiftkit.adapt.norm_stats import SINGLE_SAMPLE_TARGET_WEIGHT, batch_norms, mix_batch_statistics
-from shiftkit.adapt.registry import register_adapt
+from shiftkit.adapt.registry import register_method
 
 __all__ = ["AlphaBN"]
 
 
-@register_adapt("alpha_bn")
+@register_method("alpha_bn", adapts="norm_statistics", needs_grad=False, norms=("batch",))
 class AlphaBN(TTAMethod):
     """Normalise every BatchNorm layer with a weighted mix of the source and the test batch statistics.
 

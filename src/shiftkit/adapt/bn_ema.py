@@ -37,13 +37,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from shiftkit.adapt.base import TTAMethod
 from shiftkit.adapt.norm_stats import ForwardPatch, batch_norms
-from shiftkit.adapt.registry import register_adapt
+from shiftkit.adapt.registry import register_method
 from shiftkit.errors import ShiftkitError
 
 __all__ = ["BNEMA"]
 
 
-@register_adapt("bn_ema")
+@register_method("bn_ema", adapts="norm_statistics", needs_grad=False, norms=("batch",))
 class BNEMA(TTAMethod):
     """Re-estimate every BatchNorm layer's running statistics on the test stream with decaying momentum.
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from shiftkit.adapt.base import NormAffineMethod, check_positive, default_entropy_margin, softmax_entropy
-from shiftkit.adapt.registry import register_adapt
+from shiftkit.adapt.registry import register_method
 from shiftkit.errors import ShiftkitError
 
 __all__ = ["EATA"]
@@ -61,7 +61,13 @@ def _first_tensor(batch: object) -> Tensor:
     )
 
 
-@register_adapt("eata")
+@register_method(
+    "eata",
+    adapts="norm_affine",
+    needs_grad=True,
+    norms=("batch", "layer", "group"),
+    source_data="fisher_data",
+)
 class EATA(NormAffineMethod):
     """Entropy minimisation on reliable, non-redundant samples with an optional Fisher anti-forgetting term.
 

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from shiftkit.adapt.base import TTAMethod
-from shiftkit.adapt.registry import make, register_adapt
+from shiftkit.adapt.registry import make, register_method
 from shiftkit.errors import ShiftkitError
 
 __all__ = ["LabelShift", "em_prior"]
@@ -111,7 +111,7 @@ def _check_prior(source_prior: Sequence[float] | None) -> list[float] | None:
     return [v / total for v in values]  # frequencies or counts: normalised to sum 1
 
 
-@register_adapt("label_shift")
+@register_method("label_shift", adapts="inner", needs_grad=False, wraps="method")
 class LabelShift(TTAMethod):
     """Run an inner adaptation method and correct its outputs for the estimated target label distribution.
 

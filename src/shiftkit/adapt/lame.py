@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from shiftkit.adapt.base import TTAMethod
-from shiftkit.adapt.registry import register_adapt
+from shiftkit.adapt.registry import register_method
 from shiftkit.errors import ShiftkitError
 
 __all__ = ["AFFINITIES", "Lame", "lame_affinity", "lame_energy", "lame_solve"]
@@ -171,7 +171,7 @@ def lame_solve(p: Tensor, w: Tensor, lam: float = 1.0, max_iter: int = 100) -> t
     return log_y, it + 1
 
 
-@register_adapt("lame")
+@register_method("lame", adapts="outputs", needs_grad=False)
 class Lame(TTAMethod):
     """Correct each batch's predictions so that neighbours in feature space agree (output-only, no training).
 

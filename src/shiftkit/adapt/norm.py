@@ -20,12 +20,12 @@ from torch import nn
 
 from shiftkit.adapt.base import TTAMethod
 from shiftkit.adapt.norm_stats import batch_norms, use_batch_statistics
-from shiftkit.adapt.registry import register_adapt
+from shiftkit.adapt.registry import register_method
 
 __all__ = ["Norm"]
 
 
-@register_adapt("norm")
+@register_method("norm", adapts="norm_statistics", needs_grad=False, norms=("batch",))
 class Norm(TTAMethod):
     """Normalise every BatchNorm layer with the test batch's statistics.
 

@@ -60,7 +60,7 @@ from shiftkit.adapt.base import (
     norm_affine_params,
     softmax_entropy,
 )
-from shiftkit.adapt.registry import register_adapt
+from shiftkit.adapt.registry import register_method
 from shiftkit.errors import ShiftkitError
 
 __all__ = ["EXCLUDE_RULES", "PAPER_EXCLUDE", "SAR", "reference_excluded"]
@@ -128,7 +128,7 @@ def _excluded(name: str, patterns: list[re.Pattern[str]]) -> bool:
     return any(p.fullmatch(q) for p in patterns for q in prefixes)
 
 
-@register_adapt("sar")
+@register_method("sar", adapts="norm_affine", needs_grad=True, norms=("batch", "layer", "group"))
 class SAR(NormAffineMethod):
     """Sharpness-aware minimisation of the reliable samples' entropy, with model recovery.
 

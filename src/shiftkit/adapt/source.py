@@ -9,12 +9,12 @@ from __future__ import annotations
 from torch import nn
 
 from shiftkit.adapt.base import TTAMethod
-from shiftkit.adapt.registry import register_adapt
+from shiftkit.adapt.registry import register_method
 
 __all__ = ["Source"]
 
 
-@register_adapt("source")
+@register_method("source", adapts="nothing", needs_grad=False)
 class Source(TTAMethod):
     """The unadapted model in eval mode: ``Source(model)(x) == model.eval()(x)``.
 

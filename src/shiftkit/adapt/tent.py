@@ -26,12 +26,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from shiftkit.adapt.base import NormAffineMethod, softmax_entropy
-from shiftkit.adapt.registry import register_adapt
+from shiftkit.adapt.registry import register_method
 
 __all__ = ["Tent", "softmax_entropy"]  # softmax_entropy lives in base; re-exported here
 
 
-@register_adapt("tent")
+@register_method("tent", adapts="norm_affine", needs_grad=True, norms=("batch", "layer", "group"))
 class Tent(NormAffineMethod):
     """Adapt the normalisation layers' affine parameters by minimising the prediction entropy.
 

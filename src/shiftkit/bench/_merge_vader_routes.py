@@ -47,7 +47,7 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _routed_row(
     data: VaderSplits, model: torch.nn.Module, router: Any, label: str, seconds: float, notes: str
 ) -> dict[str, Any]:
-    from shiftkit.merging.routing import compute_queries
+    from shiftkit.merging.routing.attach import compute_queries
 
     acc = evaluate(model, data.test_batches)
     mixed = logits_accuracy(*predict(model, data.mixed))  # the shuffled stream, batches mixing domains
@@ -83,8 +83,8 @@ def route_rows(
         >>> rows[0]["row"]
         'lora route: key-query (FedIns)'
     """
-    from shiftkit.merging.queries import hf_mean_pool_query
-    from shiftkit.merging.routing import attach_router_, compute_queries, detach_router_, train_router
+    from shiftkit.merging.routing.attach import attach_router_, compute_queries, detach_router_, train_router
+    from shiftkit.merging.routing.queries import hf_mean_pool_query
 
     say = log or (lambda _m: None)
     s = data.settings

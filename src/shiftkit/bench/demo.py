@@ -11,7 +11,7 @@ padding), and the probe trains on sentence features computed once. Outputs are s
 and moved into place only when everything has finished, so an interrupted run leaves no partial outputs.
 
 The settings, the method plans and the training rows are shared with ``shiftkit bench peft-vader``
-(:mod:`shiftkit.bench._suite`).
+(:mod:`shiftkit.recipes.vader_classify`).
 
 Example:
     >>> payload = run_demo(DemoSettings(), "runs/demo")
@@ -31,22 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from shiftkit import zoo
-from shiftkit.bench._suite import (
+from shiftkit.bench.report import environment, write_report
+from shiftkit.errors import ShiftkitError
+from shiftkit.recipes.vader_classify import (
     MethodPlan,
     VaderSettings,
-    environment,
     finish_row,
     load_vader,
     method_plan,
     train_encoder,
     train_probe,
 )
-from shiftkit.bench.report import write_report
-from shiftkit.errors import ShiftkitError
 
 __all__ = ["DemoSettings", "MethodPlan", "default_plans", "quick_settings", "run_demo"]
 
-#: the demo's settings: a :class:`~shiftkit.bench._suite.VaderSettings` (probe, full, LoRA, SSF, BitFit)
+#: the demo's learn settings: a :class:`~shiftkit.recipes.vader_classify.VaderSettings`
 DemoSettings = VaderSettings
 
 

@@ -17,7 +17,7 @@ Rows:
   coefficient takes ≤ 3 values, chosen on a validation split (mean accuracy over the domains), never on
   the test split; aTLAS learns block-wise coefficients on that labelled validation split (mixing all
   domains), and once more unsupervised (entropy of the predictions, labels unused);
-* routing (when ``shiftkit.merging.routing`` is installed): the four LoRA experts as a ``ShiftPool``
+* routing (when ``shiftkit.merging.routing.attach`` is installed): the four LoRA experts as a ``ShiftPool``
   with a FedIns-style key-query router (keys = each domain's centroid of θ0's pooled features on its
   training sentences, top-k by cosine, k and the total weight chosen on validation) and a PSEC-style
   learned router (an MLP on θ0's features giving the mixing weights, trained on the validation split).
@@ -182,7 +182,7 @@ def run_suite(
     Args:
         settings: :class:`~shiftkit.bench._merge_vader_experts.MergeVaderSettings` fields.
         methods: merge methods to run (default: every registered one).
-        routing: add the routed-pool rows (needs ``shiftkit.merging.routing``).
+        routing: add the routed-pool rows (needs ``shiftkit.merging.routing.attach``).
         cache_root: where the experts are cached (``None``: nowhere).
         progress: tqdm bars (``None``: only on a terminal).
         log: receives one line per stage.
@@ -196,7 +196,7 @@ def run_suite(
 
     from shiftkit.bench._merge_vader_experts import MergeVaderSettings, build_experts, load_data
     from shiftkit.bench._merge_vader_merges import merge_rows, model_row
-    from shiftkit.bench._suite import environment
+    from shiftkit.bench.report import environment
 
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
@@ -350,7 +350,7 @@ def render_html(payload: dict[str, Any]) -> str:
     Example:
         >>> html_text = render_html(json.loads(Path("runs/merge-vader/results.json").read_text()))
     """
-    from shiftkit.bench.report import _CSS, _footer, _html_table
+    from shiftkit.bench.report import CSS, footer, html_table
 
     esc = html.escape
     rows, columns = table_rows(payload)
@@ -365,10 +365,10 @@ def render_html(payload: dict[str, Any]) -> str:
     problems += [f"<li>skipped {esc(s['row'])}: {esc(s['reason'])}</li>" for s in payload["skipped"]]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(payload["title"])}</title>
-<style>{_CSS}</style></head><body>
+<style>{CSS}</style></head><body>
 <h1>{esc(payload["title"])}</h1>
 <p>{esc(summary(payload))}</p>
-{_html_table(rows, columns)}
+{html_table(rows, columns)}
 <ul>{"".join(problems)}</ul>
 <p><b>{esc(payload["verdict"])}</b></p>
 <p class="note">“mixed”: all test sentences of all domains shuffled into one stream; merged models are
@@ -378,6 +378,6 @@ validation grid (merges), or router training.</p>
 {_chart(payload, "full")}
 {_chart(payload, "lora")}
 <h2>Rows</h2><ul>{notes}</ul>
-{_footer(payload)}
+{footer(payload)}
 </body></html>
 """

@@ -16,8 +16,8 @@ sentences of every domain. Per method it reports:
 
 Every shift trains its method's parameters plus the new head (``modules_to_save=("head",)``), starting
 from the probe's head (LP-FT, Kumar et al. 2022, arXiv:2202.10054). The per-method configs and learning
-rates are the table :data:`PLANS`; registered methods without an entry, and entries whose method is not
-registered, are listed as skipped. A method whose worker fails is listed with its error; the others go on.
+rates are the table :data:`shiftkit.recipes.vader_classify.PLANS`; registered methods without an entry,
+and entries whose method is not registered, are listed as skipped. A method whose worker fails is listed with its error; the others go on.
 
 Example:
     >>> parser = argparse.ArgumentParser(); add_arguments(parser)
@@ -37,111 +37,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PLANS", "SIZES", "PlanSpec", "add_arguments", "run", "run_suite"]
+__all__ = ["SIZES", "add_arguments", "run", "run_suite"]
 
 DOMAINS: tuple[str, ...] = ("tweets", "movies", "amazon", "nyt")
 
-
-@dataclass(frozen=True, kw_only=True)
-class PlanSpec:
-    """One method's entry of :data:`PLANS` (plain data: the worker builds the config from it).
-
-    Attributes:
-        lr: peak learning rate (before ``lr_scale``).
-        notes: one line for the report.
-        config: keyword arguments of the method's registered config (``None``: probe / full fine-tuning);
-            ``modules_to_save`` gets ``head`` (and ``also_train``) added.
-        also_train: modules trained in full beside the shift and the head (Houlsby's LayerNorms).
-        min_epochs: at least this many epochs (the probe trains on cached features, so it can afford many).
-        train: other :class:`~shiftkit.recipes.learn.TrainConfig` overrides.
-    """
-
-    lr: float
-    notes: str
-    config: dict[str, Any] | None = None
-    also_train: tuple[str, ...] = ()
-    min_epochs: int = 0
-    train: dict[str, Any] = field(default_factory=dict)
-
-
-# MiniLM (BertModel) module names: encoder.layer.N.attention.self.{query,key,value},
-# attention.output.dense, intermediate.dense, output.dense. Learning rates of probe/full/lora/ssf/bitfit come
-# from a sweep of three rates per method over 3 seeds (512 tweets, 2 epochs): each is the best in-domain or
-# within 1 point of it. Methods that train vectors only (SSF, BitFit, IA3, SVFit) take larger steps.
-# The other methods started from the demo's rates (2e-3 for matrices, 5e-3 for vectors); where that left a
-# method at the probe's accuracy (tweets, seed 0, probe in-domain 0.863), one to three larger rates were
-# tried and the comment beside it gives the in-domain accuracies seen (single runs, ±1.5 points).
-PLANS: dict[str, PlanSpec] = {
-    "probe": PlanSpec(
-        lr=5e-3,
-        notes="linear head on cached mean-pooled features",
-        min_epochs=30,  # a linear head on frozen, cached features: cheap, so it trains to convergence
-        train={"batch_size": 32, "warmup_ratio": 0.0},
-    ),
-    "full": PlanSpec(lr=1e-4, notes="every encoder weight and the head"),
-    # On query/value only (0.33 % of the parameters) LoRA stayed 1.8 points below full fine-tuning
-    # in-domain (3 seeds); on every Linear it matches it, with 1.5 % of the parameters.
-    "lora": PlanSpec(
-        lr=2e-3,
-        notes="r=8, alpha=16 on every encoder Linear + head",
-        config={"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-    ),
-    "ssf": PlanSpec(
-        lr=5e-3, notes="scale+shift after every Linear and LayerNorm + head", config={"target_modules": "all"}
-    ),
-    "bitfit": PlanSpec(lr=5e-3, notes="every bias + head", config={"target_modules": "all"}),
-    # 5e-3: 0.863 (no change from the probe), 2e-2: 0.858, 2e-1: 0.920. δ moves the kept singular values
-    # (0.45-6.1 in MiniLM's query/value, ~255 of 384 kept at 99 % energy) by absolute amounts, one
-    # rank-1 direction each: it needs far larger steps than SSF's per-channel scales.
-    "svfit": PlanSpec(
-        lr=2e-1,
-        notes="top singular values (99 % energy) of query/value + head",
-        config={"target_modules": ["query", "value"], "energy": 0.99},
-    ),
-    # 5e-3: 0.887, 2e-2: 0.897
-    "ia3": PlanSpec(
-        lr=2e-2, notes="(IA)3 scales on key, value, FFN output (PEFT's BERT default) + head", config={}
-    ),
-    "adapter": PlanSpec(
-        lr=2e-3,
-        notes="bottleneck 64 after attention.output.dense and output.dense + LayerNorms + head",
-        config={"bottleneck": 64, "target_modules": ["attention.output.dense", "output.dense"]},
-        also_train=("LayerNorm",),
-    ),
-    "prompt_tuning": PlanSpec(lr=3e-2, notes="20 virtual tokens + head", config={"num_virtual_tokens": 20}),
-    "linear_adapter": PlanSpec(
-        lr=2e-3,
-        notes="linear (foldable) adapters on query/key/value/intermediate.dense + head",
-        config={"target_modules": ["query", "key", "value", "intermediate.dense"]},
-    ),
-    # With PEGOConfig's λ = 1e-3 (the reference's, for CLIP ViT-B) the L1 orthogonality term (a sum over
-    # 384×384 entries per matrix) pinned B at 0: 0.865 at lr 2e-3, 0.855 at 8e-3, 0.853 at 2e-2. λ = 1e-5:
-    # 0.900; λ = 0 (plain grouped LoRA): 0.908.
-    "pego": PlanSpec(
-        lr=2e-3,
-        notes="4 LoRAs of rank 4 on query/value, orthogonality loss (λ 1e-5) + head",
-        config={"r": 4, "num_modules": 4, "target_modules": ["query", "value"], "lam": 1e-5},
-    ),
-    # query/value only (D = 1.8M, a 2^21-entry Fastfood transform): over every transformer layer (D = 10.6M,
-    # 2^24 entries) one step took 30 s instead of 1.2 s on 2 busy cores (the base step: 0.15 s).
-    # 1e-2: 0.870, 4e-2: 0.870, 1e-1: 0.877 (the intrinsic-dim suite's rate too).
-    "subspace": PlanSpec(
-        lr=1e-1,
-        notes="1000-dim random (Fastfood) subspace of query/value weights and biases + head",
-        config={"dim": 1000, "target_modules": ["query", "value"]},
-    ),
-    # It trains the tied blocks' full weights: at LoRA's 2e-3 the model collapsed to chance (loss ln 2);
-    # 1e-4 (full fine-tuning's rate): 0.913, 3e-4: 0.902.
-    "recursive": PlanSpec(
-        lr=1e-4,
-        notes="layers tied into shared blocks looped twice, depth-wise LoRA + head",
-        config={"num_loops": 2},
-    ),
-}
 
 #: ``--quick`` / default / ``--full`` run sizes (VaderSettings overrides). The default (probe, full and 11
 #: methods, 64 steps each) took 621 s on 2 CPU cores shared with other work (load ~1.8): ~25-35 s of
@@ -249,6 +151,7 @@ def _select(
 ) -> tuple[list[str], list[dict[str, str]]]:
     """The rows to run, in table order, and the skipped ones with the reason."""
     from shiftkit.errors import ShiftkitError
+    from shiftkit.recipes.vader_classify import PLANS
 
     known = ["probe", "full", *registered]
     if methods is not None:
@@ -264,7 +167,7 @@ def _select(
     run, skipped = [], []
     for m in dict.fromkeys(order):
         if m not in PLANS:
-            skipped.append({"method": m, "reason": "registered, but no MiniLM plan in peft_vader.PLANS"})
+            skipped.append({"method": m, "reason": "registered, but no MiniLM plan in vader_classify.PLANS"})
         elif PLANS[m].config is not None and m not in registered:
             skipped.append({"method": m, "reason": "not registered in this install (sk.list_methods())"})
         else:
@@ -285,8 +188,8 @@ def run_suite(
     """Run every selected method on every training domain; write ``<out_dir>/{results.json, report.html}``.
 
     Args:
-        settings: :class:`~shiftkit.bench._suite.VaderSettings` fields (``train_domain``/``methods`` are set
-            here).
+        settings: :class:`~shiftkit.recipes.vader_classify.VaderSettings` fields (``train_domain`` and
+            ``methods`` are set here).
         train_domains: one run per domain.
         out_dir: output folder; files are moved there only once everything has finished.
         methods: rows to run (``None``: all in :data:`PLANS` and the registry).
@@ -301,8 +204,8 @@ def run_suite(
         >>> payload = run_suite(SIZES["quick"], ["tweets"], "runs/pv", methods=["lora"])
     """
     import shiftkit as sk
-    from shiftkit.bench._suite import VaderSettings
     from shiftkit.bench.report import write_suite_report
+    from shiftkit.recipes.vader_classify import VaderSettings
 
     say = log or (lambda _msg: None)
     s = VaderSettings(**settings)
@@ -350,6 +253,8 @@ def run_suite(
 
 
 def _run_domain(s: Any, stage: Path, progress: bool | None, say: Callable[[str], None]) -> dict[str, Any]:
+    from shiftkit.recipes.vader_classify import PLANS
+
     stage.mkdir(parents=True)
     head = stage / "probe_head.safetensors"
     rows: list[dict[str, Any]] = []

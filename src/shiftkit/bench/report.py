@@ -24,8 +24,12 @@ from shiftkit._fileio import atomic_write_text
 from shiftkit._text import format_table
 
 __all__ = [
+    "CSS",
     "accuracy_chart_svg",
+    "environment",
+    "footer",
     "format_table",
+    "html_table",
     "params_chart_svg",
     "render_html",
     "render_suite_html",
@@ -229,7 +233,7 @@ def params_chart_svg(payload: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-_CSS = """
+CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-variant-numeric: tabular-nums; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; }
@@ -239,7 +243,7 @@ code, pre { background: #f6f6f6; padding: 0.1em 0.3em; }
 """
 
 
-def _html_table(rows: list[dict[str, str]], columns: list[str]) -> str:
+def html_table(rows: list[dict[str, str]], columns: list[str]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = "\n".join(
@@ -258,7 +262,7 @@ def _settings_list(methods: list[dict[str, Any]]) -> str:
     return f"<ul>{items}</ul>"
 
 
-def _footer(payload: dict[str, Any]) -> str:
+def footer(payload: dict[str, Any]) -> str:
     esc = html.escape
     env = payload.get("environment", {})
     t = payload.get("timings", {})
@@ -285,10 +289,10 @@ def render_html(payload: dict[str, Any]) -> str:
     s = payload["settings"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(payload["title"])}</title>
-<style>{_CSS}</style></head><body>
+<style>{CSS}</style></head><body>
 <h1>{esc(payload["title"])}</h1>
 {_data_sentence(s, payload["train_domain"])}
-{_html_table(*table_rows(payload))}
+{html_table(*table_rows(payload))}
 <p class="note">“max fold diff”: the shift was saved, loaded onto the base and folded into its weights
 (for full fine-tuning and the probe: their task vector added); the number is the largest absolute
 difference of its logits from the trained model's, on {esc(str(s["fold_check"]))} test sentences.
@@ -296,7 +300,7 @@ difference of its logits from the trained model's, on {esc(str(s["fold_check"]))
 {accuracy_chart_svg(payload)}
 {params_chart_svg(payload)}
 <h2>Settings</h2>{_settings_list(payload["methods"])}
-{_footer(payload)}
+{footer(payload)}
 </body></html>
 """
 
@@ -340,12 +344,12 @@ def render_suite_html(payload: dict[str, Any]) -> str:
         charts = f"{accuracy_chart_svg(run)}\n{params_chart_svg(run)}" if run["methods"] else ""
         sections.append(
             f"<h2>Trained on {esc(run['train_domain'])}</h2>\n{_data_sentence(s, run['train_domain'])}\n"
-            f"{_html_table(*suite_table_rows(run))}\n<ul>{''.join(missing)}</ul>\n{charts}"
+            f"{html_table(*suite_table_rows(run))}\n<ul>{''.join(missing)}</ul>\n{charts}"
         )
     first: list[dict[str, Any]] = next((run["methods"] for run in payload["runs"] if run["methods"]), [])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(payload["title"])}</title>
-<style>{_CSS}</style></head><body>
+<style>{CSS}</style></head><body>
 <h1>{esc(payload["title"])}</h1>
 {"".join(sections)}
 <p class="note">“max Δ”: the shift was saved, loaded onto the base and folded into its weights (methods that
@@ -353,7 +357,7 @@ cannot be folded: re-attached; full fine-tuning and the probe: their task vector
 largest absolute difference of its logits from the trained model's, on {esc(str(s["fold_check"]))} test
 sentences. “file”: size of the saved shift file. Memory: {esc(str(payload.get("memory", "")))}.</p>
 <h2>Settings</h2>{_settings_list(first)}
-{_footer(payload)}
+{footer(payload)}
 </body></html>
 """
 
@@ -382,3 +386,25 @@ def write_report(out_dir: str | os.PathLike[str], payload: dict[str, Any]) -> tu
     atomic_write_text(results, json.dumps(payload, indent=2, default=str) + "\n")
     atomic_write_text(report, render_html(payload))
     return results, report
+
+
+def environment() -> dict[str, Any]:
+    """Versions and threads, for the results payload.
+
+    Example:
+        >>> environment()["threads"]
+        2
+    """
+    import platform
+
+    import torch
+
+    from shiftkit._version import __version__
+
+    return {
+        "torch": torch.__version__,
+        "shiftkit": __version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }

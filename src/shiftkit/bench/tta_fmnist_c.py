@@ -36,10 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "SETTINGS", "SIZES", "add_arguments", "render_html", "run", "run_suite", "table_rows"]
+__all__ = ["SETTINGS", "SIZES", "add_arguments", "render_html", "run", "run_suite", "table_rows"]
 
-#: methods in table order; parameters are the method defaults unless set in ``_method_params``
-METHODS = ("source", "norm", "alpha_bn", "bn_ema", "tent", "eata", "sar", "lame", "label_shift")
 SETTINGS = ("episodic", "continual", "correlated")
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -84,7 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument(
         "--full", action="store_true", help="all 10,000 images per corruption, batch 200 (hours)"
     )
-    parser.add_argument("--methods", nargs="+", metavar="NAME", help=f"subset of: {' '.join(METHODS)}")
+    parser.add_argument(
+        "--methods", nargs="+", metavar="NAME", help="subset of the registered methods (default: all)"
+    )
     parser.add_argument(
         "--settings", nargs="+", choices=SETTINGS, help="subset of the streams (default: all)"
     )
@@ -102,27 +102,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def corrupted_domains(
-    x: Any, y: Any, corruptions: tuple[str, ...], severity: int, seed: int
-) -> dict[str, tuple[Any, Any]]:
-    """``{corruption: (corrupted x, y)}`` in the given order (CIFAR-10-C constants, 32 px).
-
-    Example:
-        >>> doms = corrupted_domains(x, y, ("gaussian_noise",), 5, 0)
-        >>> doms["gaussian_noise"][0].shape == x.shape
-        True
-    """
-    from shiftkit.data import corrupt
-
-    return {c: (corrupt(x, c, severity, seed=seed, preset="cifar"), y) for c in corruptions}
-
-
 def _method_params(name: str, fisher_batches: list[Any]) -> dict[str, Any]:
-    if name == "eata":
-        return {"fisher_data": fisher_batches}
-    if name == "label_shift":
-        return {"method": "source"}
-    return {}
+    """The suite's options for a method, from its spec: source batches where it takes them (EATA's Fisher
+    term), and the source model as the inner method of a wrapper (label shift's prior correction)."""
+    from shiftkit import adapt
+
+    spec = adapt.get_method(name)
+    params: dict[str, Any] = {}
+    if spec.source_data is not None:
+        params[spec.source_data] = fisher_batches
+    if spec.wraps is not None:
+        params[spec.wraps] = "source"
+    return params
 
 
 def _run_methods(
@@ -159,7 +150,7 @@ def run_suite(
 
     Args:
         settings: a :data:`SIZES` entry plus ``seed`` and ``severity`` (and optional overrides).
-        methods: subset of :data:`METHODS` (default all).
+        methods: subset of ``adapt.list_methods()`` (default: every registered method).
         streams: subset of :data:`SETTINGS` (default all).
         digits: also run MNIST-5k → digits.
         cache_root: source-model cache root (``None``: train, keep nothing).
@@ -175,19 +166,21 @@ def run_suite(
     import numpy as np
     import torch
 
-    from shiftkit.bench._suite import environment
-    from shiftkit.bench._tta_sources import SourceSettings, digits_images, grey28_to_rgb32, source_model
-    from shiftkit.data import CORRUPTIONS
+    from shiftkit import adapt
+    from shiftkit.bench.report import environment
+    from shiftkit.data import CORRUPTIONS, corrupted_domains, grey28_to_rgb32
     from shiftkit.data import streams as st
+    from shiftkit.recipes.image_source import SourceSettings, digits_images, source_model
     from shiftkit.zoo import load_dataset
 
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
     seed, severity = int(settings["seed"]), int(settings["severity"])
-    methods = list(methods or METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    known = adapt.list_methods()  # every registered method, in suite order
+    methods = list(methods or known)
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
     chosen_streams = list(streams or SETTINGS)
     corruptions = tuple(settings["corruptions"] or CORRUPTIONS)
 
@@ -228,7 +221,8 @@ def run_suite(
 
     digits_block: dict[str, Any] | None = None
     if digits:
-        mn_settings = SourceSettings("mnist5k", 4500, settings["mnist_epochs"], seed)
+        n_mnist = int(settings.get("mnist_n_train", 4500))
+        mn_settings = SourceSettings("mnist5k", n_mnist, settings["mnist_epochs"], seed)
         mnist_source, mn_info = source_model(mn_settings, cache_root, progress, say)
         dx, dy = digits_images()
         g = torch.Generator().manual_seed(seed)
@@ -321,26 +315,26 @@ def render_html(payload: dict[str, Any]) -> str:
     Example:
         >>> text = render_html(json.loads(Path("runs/tta-fmnist-c/results.json").read_text()))
     """
-    from shiftkit.bench.report import _CSS, _footer, _html_table
+    from shiftkit.bench.report import CSS, footer, html_table
 
     esc = html.escape
     srows, scols = summary_rows(payload)
-    parts = [f"<h2>Mean error % per stream</h2>{_html_table(srows, scols)}"]
+    parts = [f"<h2>Mean error % per stream</h2>{html_table(srows, scols)}"]
     for s in payload["results"]:
         rows, cols = table_rows(payload, s)
         parts.append(
-            f"<h2>{esc(s)}</h2><p>{esc(json.dumps(payload['streams'][s]))}</p>{_html_table(rows, cols)}"
+            f"<h2>{esc(s)}</h2><p>{esc(json.dumps(payload['streams'][s]))}</p>{html_table(rows, cols)}"
         )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(payload["title"])}</title>
-<style>{_CSS}</style></head><body>
+<style>{CSS}</style></head><body>
 <h1>{esc(payload["title"])}</h1>
 <p>{esc(_describe(payload))}</p>
 {"".join(parts)}
 <p class="note">Online protocol: every batch is predicted, then adapted on; error % = 100·(1 − accuracy),
 mean over corruptions. Anchors (CIFAR10-C, WRN-28, severity 5): source 43.5, norm 20.4, TENT 18.6 (reset per
 corruption); correlated stream: TENT 87.6, LAME 11.3 (RN-26 GN).</p>
-{_footer(payload)}
+{footer(payload)}
 </body></html>
 """
 
@@ -362,11 +356,13 @@ def run(args: argparse.Namespace) -> int:
         settings["per_domain"] = args.per_domain
     if args.batch_size:
         settings["batch_size"] = args.batch_size
+    from shiftkit import adapt
+
     picked = [m for item in args.methods or () for m in item.split(",") if m]
-    bad = sorted(set(picked) - set(METHODS))
+    bad = sorted(set(picked) - set(adapt.list_methods()))
     if bad:
         print(
-            f"shiftkit bench tta-fmnist-c: unknown method(s) {bad}; choose from {list(METHODS)}",
+            f"shiftkit bench tta-fmnist-c: unknown method(s) {bad}; choose from {adapt.list_methods()}",
             file=sys.stderr,
         )
         return 2

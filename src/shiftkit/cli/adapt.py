@@ -12,6 +12,7 @@ EXAMPLE = """examples:
   shiftkit adapt --method source lame tent --stream correlated --delta 0.1 --per-domain 200
   shiftkit adapt --model mnist5k-source --data digits --corruptions none --method source norm tent eata
   shiftkit adapt --model mypkg.models:build --data mypkg.data:load --method sar --stream mixed
+  shiftkit adapt --plugin mypkg.tta --method mine tent          # a method registered in your own module
 
 Models: "fmnist-source" (default) and "mnist5k-source" are EfficientNet-Lite0 (the zoo's ImageNet weights)
 fine-tuned on Fashion-MNIST / MNIST-5k at 32x32, as in 'shiftkit bench tta-fmnist-c' (trained on first use:
@@ -36,6 +37,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", nargs="+", default=["source", "norm", "tent"], metavar="NAME")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (it registers its own methods with @adapt.register_method)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="[NAME.]KEY=VALUE", help="method option")
     p.add_argument(
         "--model", default="fmnist-source", help="fmnist-source, mnist5k-source, zoo, module:function"
@@ -83,20 +91,13 @@ def _load_data(spec: str, seed: int, n: int) -> tuple[Any, Any]:
     import numpy as np
     import torch
 
-    from shiftkit.bench._tta_sources import digits_images, grey28_to_rgb32
     from shiftkit.errors import ShiftkitError
-    from shiftkit.zoo import load_dataset
+    from shiftkit.recipes.image_source import image_data
 
     x: torch.Tensor
     y: torch.Tensor
-    if spec == "fashion-mnist":
-        _, _, xa, ya = load_dataset("fashion-mnist")
-        x, y = grey28_to_rgb32(xa), torch.as_tensor(ya)
-    elif spec == "mnist5k":
-        xa, ya = load_dataset("mnist5k")
-        x, y = grey28_to_rgb32(xa), torch.as_tensor(ya)
-    elif spec == "digits":
-        x, y = digits_images()
+    if spec in ("fashion-mnist", "mnist5k", "digits"):
+        x, y = image_data(spec)
     elif ":" in spec:
         import importlib
 
@@ -117,7 +118,7 @@ def _load_data(spec: str, seed: int, n: int) -> tuple[Any, Any]:
 
 
 def _load_model(spec: str, progress: bool | None) -> Any:
-    from shiftkit.bench._tta_sources import SourceSettings, source_model
+    from shiftkit.recipes.image_source import SourceSettings, source_model
     from shiftkit.recipes.loading import resolve_model
     from shiftkit.zoo import cache_dir
 
@@ -135,11 +136,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from shiftkit import adapt
-    from shiftkit.bench.tta_fmnist_c import corrupted_domains
     from shiftkit.cli._table import format_table, write_json
-    from shiftkit.data import CORRUPTIONS, make_stream
+    from shiftkit.core.registry import load_plugins
+    from shiftkit.data import CORRUPTIONS, corrupted_domains, make_stream
     from shiftkit.errors import ShiftkitError
 
+    load_plugins(args.plugin)
     for m in args.method:
         if m not in adapt.list_methods():
             raise ShiftkitError(f"unknown adapt method {m!r}; known: {', '.join(adapt.list_methods())}")
@@ -214,16 +216,16 @@ def _write_report(path: Any, payload: dict[str, Any], rows: list[dict[str, str]]
     import html
 
     from shiftkit._fileio import atomic_write_text
-    from shiftkit.bench.report import _CSS, _html_table
+    from shiftkit.bench.report import CSS, html_table
 
     esc = html.escape
     title = f"shiftkit adapt: {payload['data']} / {payload['model']}"
     atomic_write_text(
         path,
         f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{_CSS}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{CSS}</style></head><body>
 <h1>{esc(title)}</h1><p>Error % per domain, online (predict, then adapt).</p>
-{_html_table(rows, columns)}
+{html_table(rows, columns)}
 <p class="note">stream: {esc(json.dumps(payload["stream"]))}<br>
 options: {esc(json.dumps(payload["params"]))}</p>
 </body></html>

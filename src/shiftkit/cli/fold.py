@@ -45,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    import shiftkit.methods  # noqa: F401  (registers every method before files are resolved)
     from shiftkit.cli._table import format_table, write_json
     from shiftkit.core import attach_, fold_, get_method, load
     from shiftkit.core.io import atomic_save_tensors

@@ -29,7 +29,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def summarize(path: str) -> dict[str, Any]:
     """A JSON-safe summary of the shift file at ``path``."""
-    import shiftkit.methods  # noqa: F401  (registers every method before files are resolved)
     from shiftkit.core.io import load, read_metadata
     from shiftkit.core.shift import DELTA, split_key
 

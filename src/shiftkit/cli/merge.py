@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         0
     """
     from shiftkit.cli._table import format_table, write_json
-    from shiftkit.merging.streaming import merge_recipe
+    from shiftkit.merging.stream.runner import merge_recipe
 
     summary = merge_recipe(
         args.recipe,

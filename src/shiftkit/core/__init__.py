@@ -12,10 +12,20 @@ from shiftkit.core.attach import (
     regularization_loss,
     shift_parameters,
 )
-from shiftkit.core.config import ShiftConfig, config_from_dict, config_to_dict
+from shiftkit.core.config import ShiftConfig, config_to_dict
 from shiftkit.core.delta import apply_, base_tensors, task_vector, to_delta
 from shiftkit.core.io import load, read_metadata, save
-from shiftkit.core.registry import METHODS, MethodSpec, Registry, get_method, list_methods, register_method
+from shiftkit.core.registry import (
+    METHODS,
+    DenseDelta,
+    MethodSpec,
+    Registry,
+    config_from_dict,
+    get_method,
+    list_methods,
+    load_plugins,
+    register_method,
+)
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.wrapper import ShiftModule, ShiftWrapper, is_shift_module
 from shiftkit.errors import (
@@ -31,6 +41,7 @@ __all__ = [
     "DELTA",
     "METHODS",
     "CorruptFileError",
+    "DenseDelta",
     "MethodSpec",
     "NotFoldableError",
     "Registry",
@@ -55,6 +66,7 @@ __all__ = [
     "is_shift_module",
     "list_methods",
     "load",
+    "load_plugins",
     "named_shift_parameters",
     "read_metadata",
     "register_method",

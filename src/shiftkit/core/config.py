@@ -2,7 +2,8 @@
 
 Configs are frozen, keyword-only dataclasses. They serialise as
 ``{"method": <registry name>, "version": <int>, "config": {...fields}}`` and are resolved through the
-registry, never through an import path, so a file can only ever instantiate a registered config.
+registry (:func:`shiftkit.core.registry.config_from_dict`), never through an import path, so a file can only
+ever instantiate a registered config.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, ClassVar
 
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["ShiftConfig", "config_from_dict", "config_to_dict"]
+__all__ = ["ShiftConfig", "config_to_dict"]
 
 Patterns = str | Sequence[str] | None
 
@@ -78,35 +79,3 @@ def config_to_dict(config: ShiftConfig) -> dict[str, Any]:
         v = getattr(config, f.name)
         fields[f.name] = list(v) if isinstance(v, tuple) else v
     return {"method": type(config).method, "version": type(config).version, "config": fields}
-
-
-def config_from_dict(data: Any) -> ShiftConfig:
-    """Rebuild a config from :func:`config_to_dict` output, resolving the class through the registry.
-
-    Raises:
-        ShiftkitError: malformed input, unknown keys, or a version newer than this shiftkit knows.
-        UnknownMethodError: the method is not registered.
-    """
-    from shiftkit.core.registry import get_method
-
-    if not isinstance(data, dict) or set(data) != {"method", "version", "config"}:
-        raise ShiftkitError(f"a config must be a dict with keys method, version, config; got {data!r}")
-    spec = get_method(str(data["method"]))
-    cls = spec.config_cls
-    version = data["version"]
-    if not isinstance(version, int) or version > cls.version:
-        raise ShiftkitError(
-            f"{cls.__name__} version {version!r} is newer than this shiftkit supports ({cls.version}); "
-            "upgrade shiftkit"
-        )
-    body = data["config"]
-    if not isinstance(body, dict):
-        raise ShiftkitError(f"{cls.__name__}: 'config' must be a mapping, got {type(body).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise ShiftkitError(f"{cls.__name__} has no field(s) {', '.join(unknown)}; known: {sorted(known)}")
-    try:
-        return cls(**body)
-    except TypeError as err:
-        raise ShiftkitError(f"invalid {cls.__name__}: {err}") from None

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from shiftkit.core.attach import attached_wrappers
+from shiftkit.core.registry import get_method
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.tying import (
     TensorNames,
@@ -102,17 +103,42 @@ def task_vector(base: nn.Module | Mapping[str, Tensor], tuned: nn.Module | Mappi
 
 
 @torch.no_grad()
-def to_delta(model: nn.Module) -> Shift:
-    """The dense delta of the shift attached to ``model`` (parameter name → ΔW), as a Shift.
+def to_delta(
+    source: nn.Module | Shift,
+    *,
+    base: nn.Module | Mapping[str, Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Shift:
+    """The dense delta (parameter name → ΔW) of the shift attached to a model, or of a saved shift.
+
+    * a model: the delta of its attached shift, from the wrappers (any method).
+    * a :class:`Shift` whose method defines its weight changes alone (LoRA: ``s·B A``, through the method's
+      ``dense`` hook in the registry): computed without a model. ``modules_to_save`` tensors are trained
+      values, not changes: they become ``value − base value``, which needs ``base``.
+    * a delta: returned as it is.
 
     The delta names the parameters of the targeted modules only: a LoRA on a tied ``lm_head`` gives
     ``lm_head.weight`` and not the embedding, so applying it to a tied model needs ``untie=True``.
 
+    Args:
+        source: a model with a shift attached, or a Shift.
+        base: for a Shift: the base model (or its state dict); needed for ``modules_to_save``, and a model
+            tells a square embedding from a Linear.
+        dtype: for a Shift: dtype of the result (default each tensor's own); computed in float32.
+
+    Raises:
+        ShiftkitError: no shift attached, a method whose changes need the base weights (attach it and pass
+            the model), or ``modules_to_save`` without ``base``.
+        ShiftMismatchError: the shift does not fit ``base``.
+
     Example:
         >>> tv = sk.to_delta(model_with_lora)
+        >>> tv = sk.to_delta(sk.load("adapter.safetensors"))   # LoRA: no model needed
         >>> merged = sk.merge([tv, other_tv], method="ties", density=0.2)
     """
-    wrappers = attached_wrappers(model)
+    if isinstance(source, Shift):
+        return _shift_delta(source, base, dtype)
+    wrappers = attached_wrappers(source)
     if not wrappers:
         raise ShiftkitError("cannot compute a delta: no shift is attached to this model")
     tensors: dict[str, Tensor] = {}
@@ -120,6 +146,56 @@ def to_delta(model: nn.Module) -> Shift:
         for name, d in w.delta().items():
             tensors[f"{fqn}.{name}"] = d.detach().clone()
     return Shift(DELTA, None, tensors, {k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def _shift_delta(
+    shift: Shift, base: nn.Module | Mapping[str, Tensor] | None, dtype: torch.dtype | None
+) -> Shift:
+    if shift.method == DELTA:
+        return shift if dtype is None else shift.to(dtype=dtype)
+    spec = get_method(shift.method)
+    if spec.dense is None:
+        raise ShiftkitError(
+            f"a {shift.method!r} shift's weight changes depend on the base weights: attach it to its base "
+            "and call sk.to_delta(model)"
+        )
+    model = base if isinstance(base, nn.Module) else None
+    tensors: dict[str, Tensor] = {}
+    for name in spec.dense.names(shift):
+        own = next(
+            (t.dtype for k, t in shift.tensors.items() if k.startswith(name.rpartition(".")[0] + ".")), None
+        )
+        tensors[name] = spec.dense.tensor(shift, name, model).to(dtype or own or torch.float32)
+    for name, (value, own_dtype) in _saved_deltas(shift, base).items():
+        tensors[name] = value.to(dtype or own_dtype)
+    return Shift(DELTA, None, tensors, {k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def _saved_deltas(
+    shift: Shift, base: nn.Module | Mapping[str, Tensor] | None
+) -> dict[str, tuple[Tensor, torch.dtype]]:
+    """``modules_to_save`` tensors (``<module>.saved.<name>``: trained values) as ``value − base value``."""
+    saved = {k: v for k, v in shift.tensors.items() if ".saved." in k and v.is_floating_point()}
+    if not saved:
+        return {}
+    if base is None:
+        mods = sorted({k.split(".saved.")[0] for k in saved})
+        raise ShiftkitError(
+            f"the {shift.method} shift carries modules_to_save {mods[:5]}: their tensors are trained values, "
+            "not changes; pass base= (the base model or its state dict) to turn them into deltas"
+        )
+    own = model_names(base).tensors if isinstance(base, nn.Module) else dict(base)  # tied aliases too
+    out: dict[str, tuple[Tensor, torch.dtype]] = {}
+    for key, value in saved.items():
+        name = key.replace(".saved.", ".", 1)
+        ref = own.get(name)
+        if ref is None or tuple(ref.shape) != tuple(value.shape):
+            raise ShiftMismatchError(f"base has no tensor {name!r} of shape {tuple(value.shape)}")
+        out[name] = (
+            value.detach().to(torch.float32) - ref.detach().to(value.device, torch.float32),
+            value.dtype,
+        )
+    return out
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 
 from shiftkit._fileio import atomic_write_bytes
-from shiftkit.core.config import config_from_dict, config_to_dict
+from shiftkit.core.config import config_to_dict
+from shiftkit.core.registry import config_from_dict
 from shiftkit.core.shift import DELTA, Shift, split_key
 from shiftkit.errors import CorruptFileError, ShiftkitError
 

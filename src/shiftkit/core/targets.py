@@ -23,7 +23,7 @@ from shiftkit.core.config import Patterns, ShiftConfig
 from shiftkit.core.wrapper import is_shift_module
 from shiftkit.errors import ShiftkitError, TargetNotFoundError
 
-__all__ = ["iter_base_modules", "match_names", "match_targets"]
+__all__ = ["find_input_embeddings", "input_embedding_of", "iter_base_modules", "match_names", "match_targets"]
 
 
 def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -137,3 +137,30 @@ def match_targets(
             f"{patterns!r}, target_types={config.target_types!r}, exclude_modules={config.exclude_modules!r}"
         )
     return picked
+
+
+def input_embedding_of(module: nn.Module) -> nn.Module | None:
+    """``module.get_input_embeddings()`` where that works (transformers models), else None."""
+    getter = getattr(module, "get_input_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        out = getter()
+    except Exception:  # transformers base classes raise NotImplementedError for some models
+        return None
+    return out if isinstance(out, nn.Module) else None
+
+
+def find_input_embeddings(root: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """The input embeddings of the transformers models in ``root`` (``root`` included).
+
+    Returns:
+        ``{id(embedding): (owner name, owner)}`` where the owner is the outermost module whose
+        ``get_input_embeddings()`` returns that embedding (``""`` when it is ``root``).
+    """
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for name, module in root.named_modules():  # pre-order: an owner is seen before its submodules
+        emb = input_embedding_of(module)
+        if emb is not None and id(emb) not in found:
+            found[id(emb)] = (name, module)
+    return found

@@ -1,6 +1,7 @@
-"""shiftkit.data (see DESIGN.md section 2)."""
+"""shiftkit.data: distribution-shift generators (image corruptions, streams) and image layouts."""
 
-from shiftkit.data.corruptions import CORRUPTIONS, corrupt
+from shiftkit.data.corruptions import CORRUPTIONS, corrupt, corrupted_domains
+from shiftkit.data.images import grey28_to_rgb32
 from shiftkit.data.streams import (
     STREAM_KINDS,
     Domains,
@@ -23,8 +24,10 @@ __all__ = [
     "continual",
     "correlated",
     "corrupt",
+    "corrupted_domains",
     "episodic",
     "gradual",
+    "grey28_to_rgb32",
     "make_stream",
     "mixed",
 ]

@@ -32,12 +32,15 @@ index_offset=a)`` equals ``corrupt(x, ...)[a:b]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["CORRUPTIONS", "PRESETS", "CorruptionError", "corrupt"]
+__all__ = ["CORRUPTIONS", "PRESETS", "CorruptionError", "corrupt", "corrupted_domains"]
 
 # The standard order of the ImageNet-C / CIFAR-10-C tables (and of the anchors' result tables).
 CORRUPTIONS: tuple[str, ...] = (
@@ -223,3 +226,16 @@ def corrupt(
         out = out.mean(axis=1, keepdims=True)
     result = torch.from_numpy(np.ascontiguousarray(out))
     return (result[0] if single else result).to(images.device)
+
+
+def corrupted_domains(
+    x: Tensor, y: Tensor, corruptions: Sequence[str], severity: int, seed: int
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{corruption: (corrupted x, y)}`` in the given order (CIFAR-10-C constants, 32 px).
+
+    Example:
+        >>> doms = corrupted_domains(x, y, ("gaussian_noise",), 5, 0)
+        >>> doms["gaussian_noise"][0].shape == x.shape
+        True
+    """
+    return {c: (corrupt(x, c, severity, seed=seed, preset="cifar"), y) for c in corruptions}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging._ops import rescale_pruned, ties_disjoint_merge, topk_mask
+from shiftkit.merging.consensus import rescale_pruned, ties_disjoint_merge, topk_mask
 from shiftkit.merging.registry import register_merge
 from shiftkit.merging.task_arithmetic import task_arithmetic
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging._ops import dare_keep_mask, dare_rescale, key_seed, ties_disjoint_merge
+from shiftkit.merging.consensus import dare_keep_mask, dare_rescale, key_seed, ties_disjoint_merge
 from shiftkit.merging.registry import register_merge
 from shiftkit.merging.task_arithmetic import task_arithmetic
 

@@ -1,23 +1,12 @@
-"""Exact merging of low-rank (LoRA) shifts in ΔW space, and re-factorising the result.
+"""Merging LoRA shifts exactly in ΔW space, and re-factorising the result (``sk.merge_lora``).
 
-A LoRA shift stores factors, not the change itself. Its dense change of each adapted weight is
-(Hu et al., https://arxiv.org/abs/2106.09685; rsLoRA, https://arxiv.org/abs/2312.03732)
-
-* Linear ``W (out, in)``: ``ΔW = s · B A`` with ``A (r, in)``, ``B (out, r)``, ``s = α/r`` (``α/√r`` rsLoRA);
-* Conv2d ``W (C_out, C_in, kh, kw)``: ``ΔW = s · reshape(B₍C_out×r₎ · A₍r×C_in·kh·kw₎)``;
-* Embedding ``W (num_embeddings, dim)``: ``ΔW = (s · B A)ᵀ`` with ``A (r, num_embeddings)``, ``B (dim, r)``.
-
-Merging factors one by one, as PEFT's ``add_weighted_adapter`` does for ``linear``/``ties``/``dare_*``
-(spec combine-compress.md §1.6), merges ``Σ√c_i B_i · Σ√c_j A_j``, which has cross terms ``B_i A_j``; so
-shiftkit merges the dense ``ΔW_i`` exactly with any :func:`~shiftkit.merging.api.merge` method and only then,
-if factors are wanted, re-factorises each weight: truncated SVD ``M = U S Vᵀ ≈ (U_r S_r)(V_rᵀ)``, the best
+Merging factors one by one, as PEFT's ``add_weighted_adapter`` does for ``linear``/``ties``/``dare_*``,
+merges ``Σ√c_i B_i · Σ√c_j A_j``, which has cross terms ``B_i A_j``; so shiftkit merges the dense ``ΔW_i``
+(LoRA's own dense math, :mod:`shiftkit.methods.lora.dense`) exactly with any merge method and only then, if
+factors are wanted, re-factorises each weight: truncated SVD ``M = U S Vᵀ ≈ (U_r S_r)(V_rᵀ)``, the best
 rank-r approximation in Frobenius norm (Eckart–Young), relative error ``√(Σ_{i>r} σ_i² / Σ_i σ_i²)``. For
 ``linear`` / ``task_arithmetic`` the merge is also exact in factor form: concatenating the factors along the
-rank axis with A's rows scaled by ``c_i s_i`` gives ``B A = Σ_i c_i s_i B_i A_i`` (PEFT ``cat``).
-
-A square weight (``out == in``) fits both the Linear and the Embedding layout; without ``model=`` it is taken
-for a Linear (embedding tables have far more rows than columns), as :func:`sk.export_peft` does.
-``modules_to_save`` tensors are full trained values, not changes: they become deltas only given the base.
+rank axis with A's rows scaled by ``c_i s_i`` gives ``B A = Σ_i c_i s_i B_i A_i`` (PEFT's ``cat``).
 """
 
 from __future__ import annotations
@@ -32,12 +21,19 @@ import torch
 from torch import Tensor, nn
 
 from shiftkit.core import functional as skf
+from shiftkit.core.delta import to_delta
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.core.targets import iter_base_modules
-from shiftkit.core.tying import model_names
-from shiftkit.core.wrapper import is_shift_module
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
+from shiftkit.merging.in_memory import merge
 from shiftkit.methods.lora import LoRAConfig
+from shiftkit.methods.lora.dense import (
+    adapted_modules,
+    factorise,
+    lora_delta,
+    lora_kind,
+    lora_param_names,
+    require_lora,
+)
 
 __all__ = ["LoraMergeResult", "lora_delta", "lora_kind", "lora_param_names", "lora_to_delta", "merge_lora"]
 
@@ -48,148 +44,6 @@ _OUTPUTS = ("lora", "concat", "delta")
 _EXACT_CONCAT = ("linear", "task_arithmetic")
 
 
-def _require_lora(shift: Shift) -> LoRAConfig:
-    if not isinstance(shift, Shift) or shift.method != "lora":
-        got = shift.method if isinstance(shift, Shift) else type(shift).__name__
-        raise ShiftkitError(f"expected a LoRA shift (method 'lora'), got {got!r}")
-    if not isinstance(shift.config, LoRAConfig):
-        raise ShiftMismatchError(
-            f"this LoRA shift has a {type(shift.config).__name__} config, not a LoRAConfig: its scaling is "
-            "unknown (load it with sk.load, or attach it and use sk.to_delta)"
-        )
-    return shift.config
-
-
-def _adapted(shift: Shift) -> list[str]:
-    return sorted(m for m in shift.base if f"{m}.lora_A" in shift.tensors and f"{m}.lora_B" in shift.tensors)
-
-
-def _is_embedding(model: nn.Module | None, fqn: str) -> bool | None:
-    if model is None:
-        return None
-    module = dict(iter_base_modules(model)).get(fqn)
-    if module is None:
-        raise ShiftMismatchError(f"the model has no module {fqn!r} (adapted by the LoRA shift)")
-    return isinstance(module.base if is_shift_module(module) else module, nn.Embedding)
-
-
-def lora_kind(shift: Shift, fqn: str, *, model: nn.Module | None = None) -> str:
-    """The layout of the LoRA pair on module ``fqn``: ``"linear"``, ``"conv"`` or ``"embedding"``.
-
-    Read from the factor shapes and the recorded base shape; a square 2-D weight is a Linear unless
-    ``model`` says the module is an ``nn.Embedding``.
-
-    Args:
-        shift: a LoRA shift.
-        fqn: an adapted module's name.
-        model: optional model with this module (only to tell square embeddings from Linears).
-
-    Returns:
-        ``"linear"``, ``"conv"`` or ``"embedding"``.
-
-    Raises:
-        ShiftMismatchError: the factors do not fit the recorded shape, or their ranks differ from ``r``.
-
-    Example:
-        >>> lora_kind(shift, "embed")
-        'embedding'
-    """
-    config = _require_lora(shift)
-    if fqn not in _adapted(shift):
-        raise ShiftMismatchError(f"the LoRA shift does not adapt module {fqn!r}")
-    a, b, shape = shift.tensors[f"{fqn}.lora_A"], shift.tensors[f"{fqn}.lora_B"], tuple(shift.base[fqn])
-    if a.shape[0] != config.r or b.shape[1] != config.r:
-        raise ShiftMismatchError(
-            f"LoRA on {fqn!r} has rank {a.shape[0]}/{b.shape[1]} (A/B) but the config says r={config.r}"
-        )
-    if a.dim() == 4 and b.dim() == 4 and shape == (b.shape[0], *a.shape[1:]):
-        return "conv"
-    if a.dim() == 2 and b.dim() == 2:
-        linear, embedding = shape == (b.shape[0], a.shape[1]), shape == (a.shape[1], b.shape[0])
-        told = _is_embedding(model, fqn) if linear and embedding else None
-        if embedding and (not linear or told):
-            return "embedding"
-        if linear:
-            return "linear"
-    raise ShiftMismatchError(
-        f"LoRA factors of {fqn!r} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit its shape {shape}"
-    )
-
-
-def lora_param_names(shift: Shift) -> list[str]:
-    """Names ``<module>.weight`` of the weights a LoRA shift changes, sorted (not ``modules_to_save``).
-
-    Args:
-        shift: a LoRA shift.
-
-    Returns:
-        The parameter names, sorted; :func:`lora_delta` gives each one's ``ΔW``.
-
-    Example:
-        >>> lora_param_names(sk.extract(model))
-        ['layers.0.q_proj.weight', 'layers.0.v_proj.weight']
-    """
-    _require_lora(shift)
-    return [f"{m}.weight" for m in _adapted(shift)]
-
-
-def lora_delta(shift: Shift, param_name: str, *, model: nn.Module | None = None) -> Tensor:
-    """Exact dense change ``ΔW`` of one adapted weight, in the base weight's layout, float32.
-
-    Args:
-        shift: a LoRA shift (no model needed).
-        param_name: ``<module>.weight``, one of :func:`lora_param_names`.
-        model: optional, only to tell a square ``nn.Embedding`` from a Linear (see :func:`lora_kind`).
-
-    Returns:
-        ``(out, in)`` (Linear), ``(C_out, C_in, kh, kw)`` (Conv2d) or ``(num_embeddings, dim)`` (Embedding).
-
-    Example:
-        >>> dw = lora_delta(shift, "layers.0.q_proj.weight")
-        >>> torch.allclose(dw, sk.to_delta(model)["layers.0.q_proj.weight"])
-        True
-    """
-    config = _require_lora(shift)
-    fqn, _, role = param_name.rpartition(".")
-    if role != "weight" or fqn not in _adapted(shift):
-        raise ShiftMismatchError(
-            f"{param_name!r} is not a weight the LoRA shift changes; it changes {lora_param_names(shift)[:5]}"
-        )
-    kind = lora_kind(shift, fqn, model=model)
-    a = shift.tensors[f"{fqn}.lora_A"].detach().to(torch.float32)
-    b = shift.tensors[f"{fqn}.lora_B"].detach().to(torch.float32)
-    if kind == "conv":
-        return skf.lora_conv_delta(a, b, config.scaling)
-    delta = skf.lora_delta(a, b, config.scaling)
-    return delta.T.contiguous() if kind == "embedding" else delta
-
-
-def _saved_deltas(
-    shift: Shift, base: nn.Module | Mapping[str, Tensor] | None
-) -> dict[str, tuple[Tensor, torch.dtype]]:
-    saved = {k: v for k, v in shift.tensors.items() if ".saved." in k and v.is_floating_point()}
-    if not saved:
-        return {}
-    if base is None:
-        mods = sorted({k.split(".saved.")[0] for k in saved})
-        raise ShiftkitError(
-            f"the LoRA shift carries modules_to_save {mods[:5]}: their tensors are trained values, not "
-            "changes; pass base= (the base model or its state dict) to turn them into deltas"
-        )
-    own = model_names(base).tensors if isinstance(base, nn.Module) else dict(base)  # tied aliases too
-    out: dict[str, tuple[Tensor, torch.dtype]] = {}
-    for key, value in saved.items():
-        name = key.replace(".saved.", ".", 1)
-        ref = own.get(name)
-        if ref is None or tuple(ref.shape) != tuple(value.shape):
-            raise ShiftMismatchError(f"base has no tensor {name!r} of shape {tuple(value.shape)}")
-        out[name] = (
-            value.detach().to(torch.float32) - ref.detach().to(value.device, torch.float32),
-            value.dtype,
-        )
-    return out
-
-
 def lora_to_delta(
     shift: Shift,
     *,
@@ -198,17 +52,9 @@ def lora_to_delta(
 ) -> Shift:
     """The exact dense delta of a LoRA shift, without attaching it: ``{<module>.weight: ΔW}``.
 
-    ``modules_to_save`` tensors (``<module>.saved.<name>``, trained values) become ``value − base value``
-    (parameters and floating buffers such as running statistics), which needs ``base``.
-
-    Args:
-        shift: a LoRA shift.
-        base: the base model (or its state dict); needed only for ``modules_to_save`` (and a model tells
-            square embeddings from Linears).
-        dtype: dtype of the result; default the factors' dtype. Computed in float32 either way.
-
-    Returns:
-        A ``Shift(method="delta")`` keyed by parameter name, tensors in the base weights' layouts.
+    The same as ``sk.to_delta(shift, base=..., dtype=...)`` for a LoRA shift (the method's dense hook,
+    :mod:`shiftkit.methods.lora.dense`); kept for the name users know. ``modules_to_save`` tensors
+    (trained values) become ``value − base value``, which needs ``base``.
 
     Raises:
         ShiftkitError: not a LoRA shift, or ``modules_to_save`` without ``base``.
@@ -217,18 +63,9 @@ def lora_to_delta(
     Example:
         >>> tv = lora_to_delta(sk.load("adapter.safetensors"))
         >>> sk.apply_(base_model, tv)   # same weights as sk.fold_ of the attached adapter
-        >>> merged = sk.merge([tv, other_tv], method="ties", density=0.5)
     """
-    _require_lora(shift)
-    model = base if isinstance(base, nn.Module) else None
-    tensors: dict[str, Tensor] = {}
-    for name in lora_param_names(shift):
-        fqn = name[: -len(".weight")]
-        out_dtype = dtype or shift.tensors[f"{fqn}.lora_A"].dtype
-        tensors[name] = lora_delta(shift, name, model=model).to(out_dtype)
-    for name, (value, own_dtype) in _saved_deltas(shift, base).items():
-        tensors[name] = value.to(dtype or own_dtype)
-    return Shift(DELTA, None, tensors, {k: tuple(v.shape) for k, v in tensors.items()})
+    require_lora(shift)
+    return to_delta(shift, base=base, dtype=dtype)
 
 
 # --- merging LoRA shifts -----------------------------------------------------------------------------
@@ -263,20 +100,6 @@ def _rel_error(approx: Tensor, exact: Tensor) -> float:
     return diff / norm
 
 
-def _factorise(delta: Tensor, kind: str, rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-``rank`` factors ``(A, B)`` of ``delta`` in the LoRA layout of ``kind`` (scaling 1)."""
-    m = delta.T if kind == "embedding" else delta.reshape(delta.shape[0], -1)
-    u, s, vh = torch.linalg.svd(m.to(torch.float32), full_matrices=False)
-    k = min(rank, s.numel())  # a weight thinner than the rank gets zero rows/columns (exact anyway)
-    b = torch.zeros(m.shape[0], rank, dtype=torch.float32, device=m.device)
-    a = torch.zeros(rank, m.shape[1], dtype=torch.float32, device=m.device)
-    b[:, :k] = u[:, :k] * s[:k]
-    a[:k] = vh[:k]
-    if kind == "conv":
-        return a.reshape(rank, *delta.shape[1:]), b.reshape(delta.shape[0], rank, *([1] * (delta.dim() - 2)))
-    return a, b
-
-
 def _concat_coeffs(method: str, ws: list[float], params: Mapping[str, Any]) -> list[float]:
     """The factor ``c_i`` of each participating shift so that ``Σ c_i ΔW_i`` is the method's merge."""
     total = sum(ws)
@@ -298,7 +121,7 @@ def _concat(
     a_ref, b_ref = shifts[present[0]].tensors[f"{fqn}.lora_A"], shifts[present[0]].tensors[f"{fqn}.lora_B"]
     a_blocks, b_blocks = [], []
     for i, s in enumerate(shifts):
-        config = _require_lora(s)
+        config = require_lora(s)
         if i in present:
             a, b = s.tensors[f"{fqn}.lora_A"].to(torch.float32), s.tensors[f"{fqn}.lora_B"].to(torch.float32)
         else:
@@ -355,14 +178,12 @@ def merge_lora(
         >>> print(res.max_error, res.rank)
         >>> sk.attach_(base, res.shift)
     """
-    from shiftkit.merging.api import merge  # api imports this module for LoRA inputs
-
     if output not in _OUTPUTS:
         raise ShiftkitError(f"unknown output {output!r}; use one of {list(_OUTPUTS)}")
     if isinstance(shifts, Shift) or not isinstance(shifts, Sequence) or not shifts:
         raise ShiftkitError("merge_lora needs a non-empty list of Shift values")
     loras = [s for s in shifts if isinstance(s, Shift) and s.method == "lora"]
-    if not loras or not all(_adapted(s) for s in loras):
+    if not loras or not all(adapted_modules(s) for s in loras):
         raise ShiftkitError("merge_lora needs LoRA shifts with factors; merge dense deltas with sk.merge")
     kinds: dict[str, tuple[str, tuple[int, ...]]] = {}
     for s in loras:
@@ -372,13 +193,13 @@ def merge_lora(
                 f"a LoRA input carries modules_to_save {saved[:5]} (trained values, not factors): convert it "
                 "with lora_to_delta(shift, base=...) and merge the deltas with sk.merge"
             )
-        for fqn in _adapted(s):
+        for fqn in adapted_modules(s):
             found = (lora_kind(s, fqn, model=model), tuple(s.base[fqn]))
             if kinds.setdefault(fqn, found) != found:
                 raise ShiftMismatchError(f"LoRA inputs disagree on {fqn!r}: {kinds[fqn]} vs {found}")
     deltas = [lora_to_delta(s, base=model, dtype=torch.float32) if s.method == "lora" else s for s in shifts]
     exact = merge(deltas, method, weights, on_missing=on_missing, **params)
-    dtype = loras[0].tensors[f"{_adapted(loras[0])[0]}.lora_A"].dtype
+    dtype = loras[0].tensors[f"{adapted_modules(loras[0])[0]}.lora_A"].dtype
     if output == "delta":
         if rank is not None:
             raise ShiftkitError("rank= applies to output='lora' only")
@@ -401,17 +222,17 @@ def merge_lora(
         if rank is not None:
             raise ShiftkitError("output='concat' has rank Σ r_i; rank= applies to output='lora' only")
         ws = [1.0] * len(shifts) if weights is None else [float(w) for w in weights]
-        r = sum(_require_lora(s).r for s in loras)
+        r = sum(require_lora(s).r for s in loras)
         for fqn in sorted(kinds):
             pairs[fqn] = _concat(loras, ws, method, params, on_missing, fqn)
     else:
-        r = max(_require_lora(s).r for s in loras) if rank is None else rank
+        r = max(require_lora(s).r for s in loras) if rank is None else rank
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ShiftkitError(f"rank must be a positive integer, got {rank!r}")
         for name in exact.tensors:
             fqn = name[: -len(".weight")]
-            pairs[fqn] = _factorise(exact.tensors[name], kinds[fqn][0], r)
-    first = _require_lora(loras[0])
+            pairs[fqn] = factorise(exact.tensors[name], kinds[fqn][0], r)
+    first = require_lora(loras[0])
     config = LoRAConfig(
         r=r, lora_alpha=float(r), lora_dropout=first.lora_dropout, target_modules=tuple(sorted(pairs))
     )

@@ -15,7 +15,8 @@ Arithmetic is float32 as the reference; order statistics are exact (``torch.kthv
 denominator is 0 (e.g. an all-zero shift) gets 0 instead of NaN, so such a task has ``β̃ = 0``.
 ``scope="per_tensor"`` computes every statistic per tensor instead (a labelled approximation, one pass).
 Streaming (:class:`PCBPlan`, 8 passes at most) finds the same order statistics with the exact
-streaming selector of :mod:`shiftkit.merging._kth` and reproduces the in-memory result bit for bit.
+streaming selector of :mod:`shiftkit.merging.stream.order_stats` and reproduces the in-memory result
+bit for bit.
 :func:`search_pcb_coefficients` tunes the per-task ``λ_i`` (the reference's optional evolutionary stage).
 """
 
@@ -29,10 +30,10 @@ from torch import Tensor
 
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging._kth import OrderStatistics
-from shiftkit.merging._ops import kth_smallest
-from shiftkit.merging.plan import register_plan
+from shiftkit.merging.consensus import kth_smallest
 from shiftkit.merging.registry import register_merge
+from shiftkit.merging.stream.multipass import register_plan
+from shiftkit.merging.stream.order_stats import OrderStatistics
 
 __all__ = ["PCBPlan", "pcb", "pcb_plan", "search_pcb_coefficients"]
 
@@ -306,7 +307,7 @@ def search_pcb_coefficients(
         >>> lams, best = search_pcb_coefficients([tv1, tv2], score, budget=60)
         >>> merged = sk.merge([tv1, tv2], method="pcb", lambdas=lams)
     """
-    from shiftkit.merging.api import _as_deltas, _check_inputs
+    from shiftkit.merging.in_memory import _as_deltas, _check_inputs
 
     lo, hi = float(bounds[0]), float(bounds[1])
     if not lo <= hi or budget < 1:

@@ -2,7 +2,7 @@
 
 A merge function receives the inputs' tensors already aligned (same keys, shapes; float32, finite) and the
 per-shift weights, and returns the merged tensors: ``fn(tensors, weights, **params) -> dict[str, Tensor]``
-with ``tensors[t][key]`` the t-th shift's tensor ``key``. See :func:`shiftkit.merging.api.merge`.
+with ``tensors[t][key]`` the t-th shift's tensor ``key``. See :func:`shiftkit.merging.in_memory.merge`.
 
 The spec also says how the method reads in a mergekit-shaped recipe (``shiftkit merge``), where mergekit's
 meaning applies: its defaults (``recipe_defaults``, where they differ from the function's own paper
@@ -45,7 +45,7 @@ class MergeSpec:
         fn: the merge function ``fn(tensors, weights, **params)``.
         plan: streaming-plan factory for whole-model statistics (``factory(weights, **params) ->
             StreamPlan | None``; ``None`` from it means tensor-local for those parameters), or ``None``
-            when the method is always tensor-local (:mod:`shiftkit.merging.plan`).
+            when the method is always tensor-local (:mod:`shiftkit.merging.stream.multipass`).
         needs_base: a recipe must name ``base_model`` (every method but a plain weighted average).
         base_is_input: in a recipe the base model is one of the merged inputs (mergekit's ``linear`` and
             ``slerp``), not only the origin of the shifts.
@@ -81,7 +81,7 @@ class MergeSpec:
         return self.recipe_defaults.get(name, self.params.get(name, inspect.Parameter.empty))
 
 
-MERGE_METHODS: Registry[MergeSpec] = Registry("merge method")
+MERGE_METHODS: Registry[MergeSpec] = Registry("merge method", package="shiftkit.merging")
 
 
 def register_merge_method(
@@ -124,14 +124,12 @@ register_merge = register_merge_method
 
 
 def set_plan(name: str, factory: Callable[..., Any]) -> None:
-    """Attach a streaming-plan factory to the registered method ``name`` (:mod:`~shiftkit.merging.plan`)."""
+    """Attach a multi-pass factory to the registered method ``name`` (see :mod:`~.stream.multipass`)."""
     MERGE_METHODS.update(name, replace(MERGE_METHODS.get(name), plan=factory))
 
 
 def get_merge_method(name: str) -> MergeSpec:
     """The :class:`MergeSpec` registered as ``name`` (``UnknownMethodError`` listing the known names)."""
-    import shiftkit.merging  # noqa: F401  (registers the built-in methods)
-
     return MERGE_METHODS.get(name)
 
 
@@ -143,6 +141,4 @@ def list_merge_methods() -> list[str]:
         ['atlas', 'breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'linear', 'model_stock',
          'pcb', 'slerp', 'task_arithmetic', 'ties']
     """
-    import shiftkit.merging  # noqa: F401  (registers the built-in methods)
-
     return MERGE_METHODS.names()

@@ -14,7 +14,7 @@ Three reference semantics, picked with ``semantics=``:
   zero votes take the global majority sign; no per-task weights.
 
 Streaming (``semantics="paper"``): :func:`ties_plan` finds each task's global threshold with the exact
-streaming order statistic of :mod:`shiftkit.merging._kth` (4 passes), then, for ``zero_sign=
+streaming order statistic of :mod:`shiftkit.merging.stream.order_stats` (4 passes), then, for ``zero_sign=
 "global_majority"``, one more pass sums the elected signs over the whole model; the apply step is
 tensor-local. Its output equals the in-memory merge bit for bit.
 """
@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging._kth import OrderStatistics
-from shiftkit.merging._ops import (
+from shiftkit.merging.consensus import (
     SEMANTICS,
     elected_sign_sum,
     kth_smallest,
@@ -34,8 +33,9 @@ from shiftkit.merging._ops import (
     ties_disjoint_merge,
     topk_magnitude,
 )
-from shiftkit.merging.plan import register_plan
 from shiftkit.merging.registry import register_merge
+from shiftkit.merging.stream.multipass import register_plan
+from shiftkit.merging.stream.order_stats import OrderStatistics
 
 __all__ = ["TiesPaperPlan", "paper_trim", "ties", "ties_plan"]
 
@@ -135,7 +135,7 @@ def ties(
 
 
 class TiesPaperPlan:
-    """Streaming plan of ``ties(semantics="paper")`` (see :mod:`shiftkit.merging.plan`).
+    """Streaming plan of ``ties(semantics="paper")`` (see :mod:`shiftkit.merging.stream.multipass`).
 
     Passes 0–3: per-task exact global threshold of ``|τ_t|`` (:class:`OrderStatistics`); pass 4 (only
     with ``zero_sign="global_majority"``): ``Σ_p γ_p`` over the whole model; apply: trim with ``≥ thr_t``,

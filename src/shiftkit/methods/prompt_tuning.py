@@ -36,10 +36,11 @@ from torch import Tensor, nn
 
 from shiftkit.core.config import ShiftConfig
 from shiftkit.core.registry import register_method
+from shiftkit.core.targets import find_input_embeddings, input_embedding_of
 from shiftkit.core.wrapper import ShiftWrapper
 from shiftkit.errors import NotFoldableError, ShiftkitError, TargetNotFoundError
 
-__all__ = ["PromptTuningConfig", "PromptTuningEmbedding", "find_input_embeddings"]
+__all__ = ["DROP_TOKEN_TYPES", "PREPEND_TOKEN_TYPES", "PromptTuningConfig", "PromptTuningEmbedding"]
 
 _INITS = ("random", "sample_vocab", "text")
 #: PEFT task types whose wrapper prepends ``p`` zeros to ``token_type_ids`` (None: shiftkit's default)
@@ -85,6 +86,9 @@ class PromptTuningConfig(ShiftConfig):
 
     # 2: task_type (PEFT's token_type_ids handling per task wrapper); version-1 files load with None
     version: ClassVar[int] = 2
+    #: the task types whose PEFT wrapper prepends zeros to / drops ``token_type_ids`` (for interop)
+    PREPEND_TOKEN_TYPES: ClassVar[tuple[str | None, ...]] = PREPEND_TOKEN_TYPES
+    DROP_TOKEN_TYPES: ClassVar[tuple[str, ...]] = DROP_TOKEN_TYPES
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,32 +156,6 @@ class PromptTuningConfig(ShiftConfig):
         )
 
 
-def _input_embedding_of(module: nn.Module) -> nn.Module | None:
-    getter = getattr(module, "get_input_embeddings", None)
-    if not callable(getter):
-        return None
-    try:
-        out = getter()
-    except Exception:  # transformers base classes raise NotImplementedError for some models
-        return None
-    return out if isinstance(out, nn.Module) else None
-
-
-def find_input_embeddings(root: nn.Module) -> dict[int, tuple[str, nn.Module]]:
-    """The input embeddings of the transformers models in ``root`` (``root`` included).
-
-    Returns:
-        ``{id(embedding): (owner name, owner)}`` where the owner is the outermost module whose
-        ``get_input_embeddings()`` returns that embedding (``""`` when it is ``root``).
-    """
-    found: dict[int, tuple[str, nn.Module]] = {}
-    for name, module in root.named_modules():  # pre-order: an owner is seen before its submodules
-        emb = _input_embedding_of(module)
-        if emb is not None and id(emb) not in found:
-            found[id(emb)] = (name, module)
-    return found
-
-
 def _init_prompt(weight: Tensor, config: PromptTuningConfig) -> Tensor:
     p = config.num_virtual_tokens
     vocab, dim = weight.shape
@@ -230,7 +208,7 @@ class PromptTuningEmbedding(ShiftWrapper):
     def on_attach(self, root: nn.Module, name: str) -> None:
         """Install the input-rewriting pre-hook on the outermost model whose input embedding is this one."""
         owner_name = next(
-            (n for n, m in root.named_modules() if _input_embedding_of(m) is self),
+            (n for n, m in root.named_modules() if input_embedding_of(m) is self),
             None,
         )
         if owner_name is None:

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from shiftkit.core.attach import attached_wrappers
 from shiftkit.core.config import ShiftConfig
+from shiftkit.core.functional import truncated_svd
 from shiftkit.core.registry import register_method
 from shiftkit.core.wrapper import ShiftWrapper
 from shiftkit.errors import ShiftkitError, TargetNotFoundError
@@ -287,8 +288,7 @@ def _mean(tensors: list[Tensor]) -> Tensor:
 
 def _svd_factors(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """``B = U_r Σ_r (out, r)``, ``A = V_rᵀ (r, in)`` of the best rank-r approximation (Eckart–Young)."""
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    return u[:, :rank] * s[:rank], vh[:rank]
+    return truncated_svd(residual, rank)
 
 
 @contextmanager

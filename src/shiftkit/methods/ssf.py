@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from shiftkit.core.config import ShiftConfig
-from shiftkit.core.functional import channel_axis, channel_view, scale_rows
+from shiftkit.core.functional import channel_axis, scale_rows, scale_shift
 from shiftkit.core.registry import register_method
 from shiftkit.core.wrapper import ShiftWrapper
 from shiftkit.errors import ShiftkitError
@@ -85,9 +85,7 @@ class SSFModule(ShiftWrapper):
     def forward(self, x: Tensor) -> Tensor:
         """Base output ``(..., C, ...)`` scaled and shifted on its channel axis."""
         y = self.base(x)
-        axis = channel_axis(self.base, y.dim())
-        scale, shift = self.scale.to(y.dtype), self.shift.to(y.dtype)
-        return y * channel_view(scale, y.dim(), axis) + channel_view(shift, y.dim(), axis)
+        return scale_shift(y, self.scale, self.shift, channel_axis(self.base, y.dim()))
 
     def effective_params(self) -> dict[str, Tensor]:
         """``{"weight": diag(γ)·W, "bias": γ⊙b + β}`` (γ alone / β alone where the base has none)."""

@@ -203,7 +203,6 @@ def method_config(name: str, options: dict[str, Any], *, head: bool) -> ShiftCon
         if options:
             raise ShiftkitError(f"method {name!r} takes no options, got {', '.join(map(str, options))}")
         return None
-    import shiftkit.methods  # noqa: F401  (registers every method)
     from shiftkit.core.registry import get_method
 
     cls = get_method(name).config_cls

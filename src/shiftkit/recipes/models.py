@@ -1,4 +1,5 @@
-"""A text classifier on a zoo encoder: mean-pooled last hidden state, then one linear head.
+"""Classifiers built on zoo encoders: :class:`TextClassifier` (mean-pooled last hidden state, then one linear
+head) and :class:`ImageClassifier` (an image network fed ``(x − 0.5) / 0.5``).
 
 The head is the only new module, so shift methods train it beside their shift through
 ``modules_to_save=("head",)`` and a linear probe trains it alone.
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from shiftkit.core.functional import mean_pool
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["TEXT_ENCODERS", "TextClassifier", "minilm_classifier", "text_classifier"]
+__all__ = ["TEXT_ENCODERS", "ImageClassifier", "TextClassifier", "minilm_classifier", "text_classifier"]
 
 #: zoo models that :func:`text_classifier` can build on
 TEXT_ENCODERS: tuple[str, ...] = ("minilm",)
@@ -130,3 +131,21 @@ def minilm_classifier() -> tuple[TextClassifier, Any]:
         >>> model, tok = minilm_classifier()
     """
     return text_classifier("minilm", num_labels=2, seed=0)
+
+
+class ImageClassifier(nn.Module):
+    """EfficientNet-Lite0 taking RGB images in ``[0, 1]``: ``net((x − 0.5) / 0.5)``.
+
+    Example:
+        >>> clf = ImageClassifier(net); clf(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, 3, H, W)`` in ``[0, 1]`` → ``(N, K)`` logits."""
+        out: Tensor = self.net((x - 0.5) / 0.5)
+        return out

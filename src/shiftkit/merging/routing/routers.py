@@ -13,7 +13,7 @@ forward.
   ``α(x; φ) = head(MLP_φ(q(x)))``, an MLP (hidden 256, 256) trained with the pool and base frozen.
 * :class:`ConstantRouter` — the same ``α = c`` for every sample (a static mix, computed in output space).
 
-Query functions (``hf_mean_pool_query``, ``default_query``) live in :mod:`shiftkit.merging.queries`.
+Query functions (``hf_mean_pool_query``, ``default_query``) live in :mod:`shiftkit.merging.routing.queries`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
-from shiftkit.merging.queries import QueryFn, default_query
+from shiftkit.merging.routing.queries import QueryFn, default_query
 
 __all__ = ["ConstantRouter", "KeyQueryRouter", "LearnedRouter", "Router", "fedins_key_loss"]
 
@@ -48,7 +48,7 @@ class Router(nn.Module):
     Args:
         members: the pool's member names (checked against the pool on attach) or their number.
         query_fn: ``fn(model, *args, **kwargs) -> (B, D)``; ``None`` uses
-            :func:`~shiftkit.merging.queries.default_query`.
+            :func:`~shiftkit.merging.routing.queries.default_query`.
 
     Example:
         >>> class Uniform(Router):

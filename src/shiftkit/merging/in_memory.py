@@ -1,8 +1,9 @@
 """``sk.merge``: combine several dense shifts (task vectors) into one.
 
 Every method works in shift space: given ``τ_t = θ_t − θ0`` it returns a merged ``τ`` so that
-``θ = θ0 + τ`` (apply it with ``sk.apply_``). LoRA shifts are turned into their exact dense ``ΔW = s·B A``
-first (:func:`shiftkit.merging.lowrank.lora_to_delta`); other methods must be converted with ``sk.to_delta``.
+``θ = θ0 + τ`` (apply it with ``sk.apply_``). A shift whose method defines its weight changes alone (LoRA:
+``ΔW = s·B A``, the method's dense hook) is turned into its exact dense delta first; other methods must be
+converted with ``sk.to_delta(model)`` on a model they are attached to.
 Inputs are aligned per spec §0.3 (``on_missing=``):
 
 * ``"error"`` (default): the same keys, shapes and dtypes in every shift, or :class:`ShiftMismatchError`;
@@ -26,9 +27,10 @@ from typing import Any
 
 import torch
 
+from shiftkit.core.delta import to_delta
+from shiftkit.core.registry import get_method
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
-from shiftkit.merging.lowrank import lora_to_delta
 from shiftkit.merging.registry import MERGE_METHODS, MergeSpec
 
 __all__ = ["merge"]
@@ -45,13 +47,13 @@ def _as_deltas(shifts: Sequence[Shift]) -> list[Shift]:
     for i, s in enumerate(shifts):
         if not isinstance(s, Shift):
             raise ShiftkitError(f"merge input {i} is a {type(s).__name__}, not a Shift")
-        if s.method == "lora":
-            s = lora_to_delta(s)
-        elif s.method != DELTA:
-            raise ShiftkitError(
-                f"merge input {i} is a {s.method!r} shift; merging needs dense deltas (or LoRA shifts): "
-                "convert with sk.to_delta first (on a model the shift is attached to)"
-            )
+        if s.method != DELTA:
+            if get_method(s.method).dense is None:
+                raise ShiftkitError(
+                    f"merge input {i} is a {s.method!r} shift, whose weight changes need the base weights: "
+                    "attach it and convert with sk.to_delta(model) first"
+                )
+            s = to_delta(s)  # exact dense ΔW from the method's own dense hook (LoRA: s·B A)
         out.append(s)
     return out
 
@@ -179,7 +181,6 @@ def merge(
         >>> merged = sk.merge([tv1, tv2], method="ties", density=0.2)
         >>> sk.apply_(base, merged)
     """
-    import shiftkit.merging  # noqa: F401  (registers the built-in methods)
 
     spec = MERGE_METHODS.get(method)
     _check_params(spec, params)

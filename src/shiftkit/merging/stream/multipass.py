@@ -16,7 +16,7 @@ tensor-local, e.g. ``ties`` with ``semantics="mergekit"``). The streaming engine
 
 ``tensors`` are the T inputs' float32 shifts for that key (aligned, finite, same shape). A plan keeps only
 O(T) scalars or small histograms between passes, never a ``T × d`` matrix, so peak memory stays at a few
-tensors whatever the model size. The in-memory :func:`shiftkit.merging.api.merge` may instead run the
+tensors whatever the model size. The in-memory :func:`shiftkit.merging.in_memory.merge` may instead run the
 materialised reference math; tests check that both agree exactly.
 """
 

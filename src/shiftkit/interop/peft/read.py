@@ -21,18 +21,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from shiftkit.core.attach import module_shape
+from shiftkit.core.registry import get_method
 from shiftkit.core.shift import Shift
-from shiftkit.core.targets import iter_base_modules
+from shiftkit.core.targets import find_input_embeddings, iter_base_modules
 from shiftkit.core.wrapper import is_shift_module
 from shiftkit.errors import CorruptFileError, ShiftkitError, ShiftMismatchError
-from shiftkit.methods.ia3 import IA3Config
-from shiftkit.methods.lora import LoRAConfig
-from shiftkit.methods.prompt_tuning import (
-    DROP_TOKEN_TYPES,
-    PREPEND_TOKEN_TYPES,
-    PromptTuningConfig,
-    find_input_embeddings,
-)
 
 __all__ = ["CONFIG_NAME", "PEFT_TYPES", "WEIGHTS_NAME", "read_adapter"]
 
@@ -63,7 +56,7 @@ _ROLES = {
 
 
 def read_adapter(path: Path, model: nn.Module | None, prefix: str) -> Shift:
-    """The shift in the PEFT adapter folder ``path`` (see :func:`shiftkit.methods._peft.import_peft`)."""
+    """The shift in the PEFT adapter folder ``path`` (see :func:`shiftkit.interop.peft.import_peft`)."""
     config, tensors = _read_folder(path)
     peft_type = config.get("peft_type")
     if peft_type not in PEFT_TYPES.values():
@@ -303,7 +296,8 @@ def _read_tuner(
         if is_ff:
             feedforward.append(fqn)
         out[f"{fqn}.ia3_l"], base[fqn] = scale, shape
-    ia3 = IA3Config(
+    ia3_cls: Any = get_method("ia3").config_cls
+    ia3 = ia3_cls(
         target_modules=tuple(found),
         feedforward_modules=tuple(feedforward),
         init_ia3_weights=bool(config.get("init_ia3_weights", True)),
@@ -343,7 +337,8 @@ def _lora_shift(
             raise ShiftMismatchError(f"LoRA on {fqn!r} is for shape {shape}, the model's is {own}")
         out[f"{fqn}.lora_A"], out[f"{fqn}.lora_B"], base[fqn] = a, b, shape
     init = config.get("init_lora_weights", True)
-    lora = LoRAConfig(
+    lora_cls: Any = get_method("lora").config_cls
+    lora = lora_cls(
         r=r,
         lora_alpha=float(config.get("lora_alpha", 8)),
         lora_dropout=float(config.get("lora_dropout", 0.0)),
@@ -412,13 +407,14 @@ def _read_prompt(
             f"prompt_embeddings has shape {tuple(prompt.shape)}, expected (num_virtual_tokens={p}, {dim})"
         )
     init = _INIT_NAMES.get(str(config.get("prompt_tuning_init") or "RANDOM"), "random")
+    pt_cls: Any = get_method("prompt_tuning").config_cls
     task = config.get("task_type")
-    if task not in (*PREPEND_TOKEN_TYPES, *DROP_TOKEN_TYPES):
+    if task not in (*pt_cls.PREPEND_TOKEN_TYPES, *pt_cls.DROP_TOKEN_TYPES):
         raise ShiftkitError(
             f"prompt-tuning adapter with task_type {task!r}: not a PEFT task type shiftkit knows"
         )
     text, tokenizer = config.get("prompt_tuning_init_text"), config.get("tokenizer_name_or_path")
-    pt = PromptTuningConfig(
+    pt = pt_cls(
         num_virtual_tokens=int(prompt.shape[0]),
         init="random" if init == "text" else init,  # the token ids of a TEXT init are not in the file
         init_text=text if init == "text" else None,

@@ -1,8 +1,8 @@
 """Router queries: the features ``q(x) ∈ R^{B×D}`` a router reads, computed on the frozen base model.
 
 A query function is ``query_fn(model, *args, **kwargs) -> (B, D)``, called with the routed model and the
-arguments of its forward while routing is off (see :mod:`shiftkit.merging.routing`). For text encoders the
-usual query is the mean-pooled last hidden state over the unmasked tokens,
+arguments of its forward while routing is off (see :mod:`shiftkit.merging.routing.attach`). For text
+encoders the usual query is the mean-pooled last hidden state over the unmasked tokens,
 ``q(x) = Σ_t m_t h_t / Σ_t m_t`` — FedIns (https://arxiv.org/abs/2308.06051) uses the [CLS] state of a
 separate frozen ViT instead; any module can be passed to :func:`hf_mean_pool_query` to do the same.
 """

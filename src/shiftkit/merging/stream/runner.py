@@ -2,8 +2,8 @@
 
 For every tensor name ``k`` (sorted order) the engine reads ``θ0[k]`` and the T inputs' ``θ_t[k]``, forms
 ``τ_t = θ_t − θ0`` in float32 (spec §0.4), merges them with the registered merge function (tensor-local
-methods) or the method's :class:`~shiftkit.merging.plan.StreamPlan` (whole-model statistics: statistics
-passes first, then the apply pass), and writes ``θ0 + τ`` cast to the output dtype. Only the T + 1 input
+methods) or the method's :class:`~shiftkit.merging.stream.multipass.StreamPlan` (whole-model
+statistics: statistics passes first, then the apply pass), and writes ``θ0 + τ`` cast to the output dtype. Only the T + 1 input
 tensors of one name and the result are in memory at a time, whatever the model size.
 
 Outputs: a model folder (sharded safetensors + index, ``config.json`` with the output dtype, tokenizer files,
@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging._stream_ties import dare_ties_into_, ties_into_
-from shiftkit.merging.checkpoints import (
+from shiftkit.merging.registry import MergeSpec
+from shiftkit.merging.stream.checkpoints import (
     Checkpoint,
     KeyLayout,
     ShardedWriter,
@@ -42,8 +42,8 @@ from shiftkit.merging.checkpoints import (
     open_checkpoint,
     parse_size,
 )
-from shiftkit.merging.recipe import ResolvedRecipe, load_recipe
-from shiftkit.merging.registry import MergeSpec
+from shiftkit.merging.stream.kernels import dare_ties_into_, ties_into_
+from shiftkit.merging.stream.recipe import ResolvedRecipe, load_recipe
 
 __all__ = ["MergeSummary", "merge_recipe"]
 
@@ -236,7 +236,6 @@ def merge_recipe(
         >>> model = AutoModelForCausalLM.from_pretrained("runs/merged")
         >>> s.tensors, s.bytes_written
     """
-    import shiftkit.merging  # noqa: F401  (registers the built-in methods)
     from shiftkit.merging.registry import get_merge_method
 
     t0 = time.perf_counter()

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shiftkit.core.registry import get_method
 from shiftkit.errors import CorruptFileError, ShiftkitError, ShiftMismatchError, TiedWeightsError
-from shiftkit.merging._shards import ST_TO_TORCH, ShardedWriter, dtype_name, parse_size
+from shiftkit.merging.stream.shards import ST_TO_TORCH, ShardedWriter, dtype_name, parse_size
 
 __all__ = [
     "Checkpoint",
@@ -115,7 +116,8 @@ class Checkpoint:
 
     Attributes:
         path: the folder or file.
-        kind: ``"hf-folder"``, ``"safetensors"``, ``"shift:delta"`` or ``"shift:lora"``.
+        kind: ``"hf-folder"``, ``"safetensors"``, ``"shift:delta"`` or ``"shift:<method>"`` (a shift whose
+            method defines its weight changes alone, such as LoRA: read through the method's dense hook).
         is_shift: True when the tensors are shifts τ rather than weights θ.
 
     Example:
@@ -123,18 +125,15 @@ class Checkpoint:
         ...     w = ck.read("model.embed_tokens.weight", torch.float32)
     """
 
-    def __init__(self, path: Path, kind: str, infos: dict[str, TensorInfo], lora: Any = None) -> None:
+    def __init__(self, path: Path, kind: str, infos: dict[str, TensorInfo], shift: Any = None) -> None:
         self.path = path
         self.kind = kind
         self.is_shift = kind.startswith("shift:")
         self.infos = infos
         self.config_path = path / "config.json" if path.is_dir() and (path / "config.json").exists() else None
-        self._lora = lora
-        self._lora_keys: list[str] = []
-        if lora is not None:
-            from shiftkit.merging import lowrank  # lazily: only LoRA inputs need it
-
-            self._lora_keys = list(lowrank.lora_param_names(lora))
+        self._shift = shift  # a factored shift: its ΔW per weight comes from the method's dense hook
+        self._dense = None if shift is None else get_method(shift.method).dense
+        self._dense_keys: list[str] = [] if self._dense is None else list(self._dense.names(shift))
         self._fds: dict[Path, int] = {}
         self._keyset = set(self.keys())
 
@@ -142,16 +141,16 @@ class Checkpoint:
         return key in self._keyset
 
     def keys(self) -> list[str]:
-        """Tensor names (for a LoRA shift: the weights it changes).
+        """Tensor names (for a factored shift such as LoRA: the weights it changes).
 
         Example:
             >>> "lm_head.weight" in ck.keys()
             True
         """
-        return list(self._lora_keys) if self._lora is not None else list(self.infos)
+        return list(self._dense_keys) if self._dense is not None else list(self.infos)
 
     def shape(self, key: str) -> tuple[int, ...] | None:
-        """Shape of ``key`` (``None`` for LoRA shifts: known only once ΔW is computed).
+        """Shape of ``key`` (``None`` for factored shifts: known only once ΔW is computed).
 
         Example:
             >>> ck.shape("model.norm.weight")
@@ -160,7 +159,7 @@ class Checkpoint:
         return self.infos[key].shape if key in self.infos else None
 
     def dtype(self, key: str) -> torch.dtype:
-        """Stored dtype of ``key`` (float32 for LoRA ΔW).
+        """Stored dtype of ``key`` (float32 for the ΔW of a factored shift).
 
         Example:
             >>> ck.dtype("model.norm.weight")
@@ -185,10 +184,8 @@ class Checkpoint:
             >>> ck.read("lm_head.weight", torch.float32).shape
             torch.Size([32000, 512])
         """
-        if self._lora is not None:
-            from shiftkit.merging import lowrank
-
-            t = lowrank.lora_delta(self._lora, key)
+        if self._dense is not None:
+            t = self._dense.tensor(self._shift, key)
             return t.to(dtype) if dtype is not None else t
         info = self.infos[key]
         out = torch.empty(info.shape, dtype=info.dtype)
@@ -289,11 +286,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     method = str(read_metadata(p)["method"])
     if method == "delta":
         return Checkpoint(p, "shift:delta", infos)
-    if method == "lora":
-        return Checkpoint(p, "shift:lora", {}, lora=load(p))
+    if get_method(method).dense is not None:
+        return Checkpoint(p, f"shift:{method}", {}, shift=load(p))
     raise ShiftkitError(
-        f"{p} is a {method!r} shift; merge reads 'delta' and 'lora' shifts: attach it and save "
-        "sk.to_delta(model) first"
+        f"{p} is a {method!r} shift, whose weight changes need the base weights; merge reads deltas and "
+        "shifts that define their changes alone (LoRA): attach it and save sk.to_delta(model) first"
     )
 
 

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging.checkpoints import parse_size
 from shiftkit.merging.registry import MergeSpec
+from shiftkit.merging.stream.checkpoints import parse_size
 
 __all__ = ["ResolvedRecipe", "load_recipe", "resolve_recipe"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from shiftkit.core.functional import abs_sum64
-from shiftkit.merging._ops import kth_smallest
+from shiftkit.merging.consensus import kth_smallest
 
 __all__ = ["dare_ties_into_", "ties_into_"]
 
@@ -37,8 +37,8 @@ def _kth_largest_abs(flat: Tensor, k: int) -> tuple[Tensor, int, int]:
 
     ``torch.kthvalue`` copies the whole tensor and selects in it; instead a seeded random sample brackets
     the value, one blockwise pass counts the entries above the bracket and gathers the few inside it, and
-    the shared exact selector (:func:`shiftkit.merging._ops.kth_smallest`) runs on those only. A bracket that
-    misses (a heavily tied tensor) falls back to selecting over all of ``|x|``. Either way the returned value
+    the shared exact selector (:func:`shiftkit.core.functional.kth_smallest`) runs on those only. A
+    bracket that misses (a heavily tied tensor) falls back to selecting over all of ``|x|``. Either way the returned value
     is exactly ``kthvalue(|x|, n − k + 1)``.
     """
     n = flat.numel()
@@ -67,7 +67,7 @@ def _kth_largest_abs(flat: Tensor, k: int) -> tuple[Tensor, int, int]:
 def _prune_(x: Tensor, density: float) -> None:
     """Zero all but the ``max(1, ⌊density·n⌋)`` largest ``|x|`` in place (ties: lower flat index first).
 
-    The same selection as ``shiftkit.merging._ops.topk_mask``, with block-sized temporaries only.
+    The same selection as ``shiftkit.merging.consensus.topk_mask``, with block-sized temporaries only.
     """
     n = x.numel()
     if density >= 1.0:
@@ -138,7 +138,7 @@ def dare_ties_into_(
         >>> dare_ties_into_(acc, [tau1, tau2], [1.0, 1.0], {"density": 0.3, "rescale": "l1", "seed": 0,
         ...                 "consensus": "sum", "normalize": False, "lambda_": 1.0}, "fc.weight")
     """
-    from shiftkit.merging._ops import dare_keep_mask, key_seed
+    from shiftkit.merging.consensus import dare_keep_mask, key_seed
 
     density, rescale = params["density"], params["rescale"]
     for i, t in enumerate(taus):

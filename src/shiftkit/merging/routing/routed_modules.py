@@ -1,7 +1,7 @@
 """Routed modules: one wrapper per targeted module mixes every pool member's shift *per sample*.
 
 All wrappers of one routed model share a :class:`RoutingContext` whose ``alpha`` ``(B, N)`` the root's
-forward pre-hook sets before the forward (see :mod:`shiftkit.merging.routing`). Output-space mixing:
+forward pre-hook sets before the forward (see :mod:`shiftkit.merging.routing.attach`). Output-space mixing:
 
 * LoRA (Linear / Conv2d / Embedding): ``y_b = W0 x_b + b0 + Σ_j α_bj s_j B_j (A_j x_b)``. The members'
   factors are concatenated along the rank axis (``A ∈ R^{Σr×in}``, ``B ∈ R^{out×Σr}``), so the whole
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shiftkit.core.functional import channel_axis
+from shiftkit.core.functional import channel_axis, scale_shift
 from shiftkit.core.wrapper import ShiftWrapper
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 
@@ -167,16 +167,18 @@ class RoutedSSF(RoutedModule):
         if alpha is None:
             return y
         shape = tuple(self.scale.shape[1:])
-        nd = y.dim()
-        start = channel_axis(self.base, nd) % nd
-        if start + len(shape) > nd:  # LayerNorm: the normalised shape is the trailing axes
-            start = nd - len(shape)
-        if start < 1:
-            raise ShiftMismatchError("routed SSF needs a batch axis in front of the channel axis")
-        view = (y.shape[0], *([1] * (start - 1)), *shape, *([1] * (nd - start - len(shape))))
         gamma = 1.0 + alpha @ (self.scale - 1.0).flatten(1)  # (B, C): 1 + Σ α (γ_j − 1)
         beta = alpha @ self.shift.flatten(1)
-        return y * gamma.reshape(view).to(y.dtype) + beta.reshape(view).to(y.dtype)
+        try:  # SSF's own transform, with one (γ, β) per sample
+            return scale_shift(
+                y,
+                gamma.reshape(-1, *shape),
+                beta.reshape(-1, *shape),
+                channel_axis(self.base, y.dim()),
+                per_sample=True,
+            )
+        except ValueError:
+            raise ShiftMismatchError("routed SSF needs a batch axis in front of the channel axis") from None
 
     def member_tensors(self, j: int) -> dict[str, Tensor]:
         """``{"scale": (*C,), "shift": (*C,)}`` of member ``j``."""

@@ -1,5 +1,6 @@
-"""``tta-fmnist-c`` data and source models: Fashion-MNIST / MNIST-5k / digits as 32×32 RGB, and the cached
-EfficientNet-Lite0 source classifiers.
+"""The source image classifiers of test-time adaptation (``shiftkit bench tta-fmnist-c``, ``shiftkit adapt``,
+the demo): Fashion-MNIST / MNIST-5k / digits as 32×32 RGB, and EfficientNet-Lite0 fine-tuned on them
+(trained once, cached).
 
 Images: 28×28 grey Fashion-MNIST and MNIST are padded by 2 pixels to 32×32 (the CIFAR size the CIFAR-10-C
 corruption constants were made for) and repeated to 3 channels; sklearn's 8×8 digits (values 0–16) are
@@ -26,37 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ImageClassifier", "SourceSettings", "digits_images", "grey28_to_rgb32", "source_model"]
+from shiftkit.data.images import grey28_to_rgb32
+from shiftkit.recipes.models import ImageClassifier
 
+__all__ = ["IMAGE_DATA", "SourceSettings", "clean_error", "digits_images", "image_data", "source_model"]
 
-class ImageClassifier(nn.Module):
-    """EfficientNet-Lite0 taking RGB images in ``[0, 1]``: ``net((x − 0.5) / 0.5)``.
-
-    Example:
-        >>> clf = ImageClassifier(net); clf(torch.rand(2, 3, 32, 32)).shape
-        torch.Size([2, 10])
-    """
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, 3, H, W)`` in ``[0, 1]`` → ``(N, K)`` logits."""
-        out: Tensor = self.net((x - 0.5) / 0.5)
-        return out
-
-
-def grey28_to_rgb32(images: np.ndarray) -> Tensor:
-    """``(N, 28, 28)`` uint8 (or float 0–255) → ``(N, 3, 32, 32)`` float32 in ``[0, 1]`` (2-pixel zero pad).
-
-    Example:
-        >>> grey28_to_rgb32(np.zeros((2, 28, 28), np.uint8)).shape
-        torch.Size([2, 3, 32, 32])
-    """
-    x = torch.as_tensor(np.asarray(images, dtype=np.float32) / 255.0)
-    x = nn.functional.pad(x, (2, 2, 2, 2))
-    return x[:, None].expand(-1, 3, -1, -1).contiguous()
+#: the image sets :func:`image_data` loads (32×32 RGB in [0, 1], int64 labels)
+IMAGE_DATA = ("fashion-mnist", "fashion-mnist-train", "mnist5k", "digits")
 
 
 def digits_images() -> tuple[Tensor, Tensor]:
@@ -73,6 +50,33 @@ def digits_images() -> tuple[Tensor, Tensor]:
     x = nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
     x = nn.functional.pad(x[:, 0], (2, 2, 2, 2))
     return x[:, None].expand(-1, 3, -1, -1).contiguous(), torch.as_tensor(labels)
+
+
+def image_data(name: str) -> tuple[Tensor, Tensor]:
+    """A zoo image set as ``(N, 3, 32, 32)`` float32 in ``[0, 1]`` and ``(N,)`` int64 labels.
+
+    Args:
+        name: ``"fashion-mnist"`` (the test split), ``"fashion-mnist-train"``, ``"mnist5k"`` or ``"digits"``.
+
+    Raises:
+        ValueError: an unknown name. AssetNotFoundError: the dataset is not installed.
+
+    Example:
+        >>> x, y = image_data("fashion-mnist"); x.shape
+        torch.Size([10000, 3, 32, 32])
+    """
+    from shiftkit.zoo import load_dataset
+
+    if name in ("fashion-mnist", "fashion-mnist-train"):
+        xtr, ytr, xte, yte = load_dataset("fashion-mnist")
+        xa, ya = (xte, yte) if name == "fashion-mnist" else (xtr, ytr)
+        return grey28_to_rgb32(xa), torch.as_tensor(ya)
+    if name == "mnist5k":
+        xa, ya = load_dataset("mnist5k")
+        return grey28_to_rgb32(xa), torch.as_tensor(ya)
+    if name == "digits":
+        return digits_images()
+    raise ValueError(f"unknown image data {name!r}; use one of {IMAGE_DATA}")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ per-sample weight matrices are materialised):
 
 So a constant ``α = c`` equals the statically merged model ``W0 + Σ_j c_j ΔW_j`` (``pool.merge(weights=c)``),
 ``α = 0`` is the base, and ``α = e_i`` is member ``i`` alone. ``detach_router_`` restores the model bit for
-bit. Routers live in :mod:`shiftkit.merging.routers`; :func:`train_router` fits a router's parameters with
-the pool and the base frozen.
+bit. Routers live in :mod:`shiftkit.merging.routing.routers`; :func:`train_router` fits a router's
+parameters with the pool and the base frozen.
 """
 
 from __future__ import annotations
@@ -34,10 +34,16 @@ from shiftkit.core.registry import get_method
 from shiftkit.core.shift import DELTA, Shift, split_key
 from shiftkit.core.targets import iter_base_modules
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
-from shiftkit.merging._routed import RoutedCopies, RoutedLoRA, RoutedModule, RoutedSSF, RoutingContext
-from shiftkit.merging.pool import ShiftPool
-from shiftkit.merging.queries import QueryFn, call_args, default_query
-from shiftkit.merging.routers import Router
+from shiftkit.merging.routing.pool import ShiftPool
+from shiftkit.merging.routing.queries import QueryFn, call_args, default_query
+from shiftkit.merging.routing.routed_modules import (
+    RoutedCopies,
+    RoutedLoRA,
+    RoutedModule,
+    RoutedSSF,
+    RoutingContext,
+)
+from shiftkit.merging.routing.routers import Router
 
 __all__ = [
     "attach_router_",
@@ -131,7 +137,8 @@ def attach_router_(
     Args:
         model: the base model the pool was made for, with no shift or router attached.
         pool: a LoRA or SSF pool (members may include ``modules_to_save`` copies such as a head).
-        router: a :class:`~shiftkit.merging.routers.Router` with one output per member (names checked).
+        router: a :class:`~shiftkit.merging.routing.routers.Router` with one output per member (names
+            checked).
         train_members: make the members' stacked parameters trainable.
 
     Returns:
@@ -287,7 +294,7 @@ def compute_queries(model: nn.Module, batches: Iterable[Any], query_fn: QueryFn 
     Args:
         model: the base model (a router may be attached: it is bypassed).
         batches: inputs per batch: a tensor, a tuple of positional arguments or a dict of keyword ones.
-        query_fn: as for the router; ``None`` uses :func:`~shiftkit.merging.queries.default_query`.
+        query_fn: as for the router; ``None`` uses :func:`~shiftkit.merging.routing.queries.default_query`.
 
     Example:
         >>> qf = hf_mean_pool_query("encoder")
@@ -327,8 +334,8 @@ def train_router(
     """Fit the router (and, with ``train_members=True``, the members) with AdamW; base frozen.
 
     Each step: ``loss = loss_fn(model(*inputs), target) + router.aux_loss()`` (FedIns' key term for a
-    :class:`~shiftkit.merging.routers.KeyQueryRouter` with μ > 0), backward, step. The parameters trained
-    are the router's plus anything in the model that requires grad — after :func:`attach_router_` that is
+    :class:`~shiftkit.merging.routing.routers.KeyQueryRouter` with μ > 0), backward, step. The parameters
+    trained are the router's plus anything in the model that requires grad — after :func:`attach_router_` that is
     nothing unless ``train_members=True``. lr 3e-4 is PSEC's. The model's train/eval mode is left as is.
 
     Args:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging._atlas_train import (
+from shiftkit.merging.atlas.blocks import (
     AtlasBlocks,
     ForwardFn,
     atlas_partition,
@@ -168,7 +168,7 @@ class AtlasResult:
             >>> merged = res.to_shift([tv1, tv2])
             >>> sk.apply_(model, merged)
         """
-        from shiftkit.merging.api import merge
+        from shiftkit.merging.in_memory import merge
 
         return merge(task_vectors, method="atlas", on_missing="zero", **self.merge_params)
 

@@ -1,4 +1,4 @@
-"""Streaming sharded safetensors writer (private; used through :mod:`shiftkit.merging.checkpoints`).
+"""Streaming sharded safetensors writer (private; used through :mod:`shiftkit.merging.stream.checkpoints`).
 
 The safetensors layout (https://github.com/huggingface/safetensors#format): an 8-byte little-endian header
 length, a JSON header ``{name: {dtype, shape, data_offsets}, "__metadata__": {...}}`` padded with spaces to

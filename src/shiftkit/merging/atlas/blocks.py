@@ -1,5 +1,5 @@
-"""Internals of aTLAS (see :mod:`shiftkit.merging.atlas`): random partitions, the resident task-vector blocks
-``p_b(Λ) = θ0_b + Σ_t Σ_k λ_{t,b,k} (M_{b,k} ⊙ τ_{t,b})``, batch handling and the two objectives.
+"""Internals of aTLAS (see :mod:`shiftkit.merging.atlas.method`): random partitions, the resident
+task-vector blocks ``p_b(Λ) = θ0_b + Σ_t Σ_k λ_{t,b,k} (M_{b,k} ⊙ τ_{t,b})``, batch handling and the two objectives.
 
 Nothing here modifies the model: parameters are substituted with :func:`torch.func.functional_call`.
 """
@@ -19,7 +19,7 @@ from shiftkit.core.attach import attached_wrappers
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.tying import collapse_tied, model_names
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
-from shiftkit.merging._ops import key_seed
+from shiftkit.merging.consensus import key_seed
 
 __all__ = [
     "AtlasBlocks",

@@ -28,20 +28,18 @@ from torch import Tensor, nn
 from shiftkit._fileio import atomic_write_text
 from shiftkit.core.attach import extract
 from shiftkit.core.io import atomic_save_tensors
+from shiftkit.core.registry import get_method
 from shiftkit.core.shift import Shift, split_key
-from shiftkit.core.targets import iter_base_modules, match_names
+from shiftkit.core.targets import find_input_embeddings, iter_base_modules, match_names
 from shiftkit.core.wrapper import is_shift_module
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
-from shiftkit.methods._peft_import import (
+from shiftkit.interop.peft.read import (
     CONFIG_NAME,
     PEFT_TYPES,
     WEIGHTS_NAME,
     read_adapter,
     warn_if_dilated,
 )
-from shiftkit.methods.ia3 import IA3Config
-from shiftkit.methods.lora import LoRAConfig
-from shiftkit.methods.prompt_tuning import DROP_TOKEN_TYPES, PromptTuningConfig, find_input_embeddings
 
 __all__ = ["export_peft", "import_peft"]
 
@@ -92,8 +90,8 @@ def export_peft(
     if not isinstance(shift, Shift) or shift.method not in PEFT_TYPES:
         got = shift.method if isinstance(shift, Shift) else type(shift).__name__
         raise ShiftkitError(f"export_peft writes lora, ia3 and prompt_tuning shifts, got {got!r}")
-    if task_type is None and isinstance(shift.config, PromptTuningConfig):
-        task_type = shift.config.task_type
+    if task_type is None and isinstance(shift, Shift) and shift.method == "prompt_tuning":
+        task_type = getattr(shift.config, "task_type", None)
     if task_type is not None and task_type not in TASK_TYPES:
         raise ShiftkitError(f"task_type must be one of {TASK_TYPES} or None, got {task_type!r}")
     prefix = prefix.strip(".")
@@ -156,8 +154,7 @@ def _export_lora(
     model: nn.Module | None,
     prefix: str,
 ) -> dict[str, Any]:
-    config = shift.config
-    assert isinstance(config, LoRAConfig)
+    config: Any = shift.config  # a LoRAConfig (method "lora")
     modules = dict(iter_base_modules(model)) if model is not None else {}
     for fqn, roles in by_module.items():
         name, a, b = _peft_name(fqn, prefix), roles["lora_A"], roles["lora_B"]
@@ -193,7 +190,7 @@ def _export_lora(
     }
 
 
-def _feedforward(fqn: str, scale: Tensor, base: tuple[int, ...], config: IA3Config) -> bool:
+def _feedforward(fqn: str, scale: Tensor, base: tuple[int, ...], config: Any) -> bool:
     shape = tuple(scale.shape)
     if shape != ((base[0], 1) if scale.dim() == 2 else (1, base[0], *[1] * (scale.dim() - 2))):
         return True  # not the output-side shape
@@ -207,8 +204,7 @@ def _feedforward(fqn: str, scale: Tensor, base: tuple[int, ...], config: IA3Conf
 def _export_ia3(
     shift: Shift, by_module: dict[str, dict[str, Tensor]], out: dict[str, Tensor], prefix: str
 ) -> dict[str, Any]:
-    config = shift.config
-    assert isinstance(config, IA3Config)
+    config: Any = shift.config  # an IA3Config (method "ia3")
     names, feedforward = [], []
     for fqn, roles in by_module.items():
         name = _peft_name(fqn, prefix)
@@ -232,8 +228,8 @@ def _export_prompt(
     task_type: str | None,
     model: nn.Module | None,
 ) -> dict[str, Any]:
-    config = shift.config
-    assert isinstance(config, PromptTuningConfig)
+    config: Any = shift.config  # a PromptTuningConfig (method "prompt_tuning")
+    drop_types = get_method("prompt_tuning").config_cls.DROP_TOKEN_TYPES  # type: ignore[attr-defined]
     prompts = [roles["prompt_embeddings"] for roles in by_module.values() if "prompt_embeddings" in roles]
     if len(prompts) != 1:
         raise ShiftkitError(f"a PEFT prompt-tuning adapter holds one prompt; this shift has {len(prompts)}")
@@ -242,8 +238,8 @@ def _export_prompt(
             "export_peft needs task_type for prompt tuning (PEFT prepends the prompt in its task wrapper): "
             f"one of {[t for t in TASK_TYPES if t != 'SEQ_2_SEQ_LM']}"
         )
-    drops = task_type in DROP_TOKEN_TYPES
-    if config.task_type is not None and drops != (config.task_type in DROP_TOKEN_TYPES):
+    drops = task_type in drop_types
+    if config.task_type is not None and drops != (config.task_type in drop_types):
         raise ShiftkitError(
             f"the prompt was trained with task_type={config.task_type!r}; PEFT's {task_type} wrapper treats "
             "token_type_ids differently (it "

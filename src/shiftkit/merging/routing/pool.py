@@ -27,9 +27,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from shiftkit.core.attach import attach_, detach_
-from shiftkit.core.config import config_from_dict, config_to_dict
+from shiftkit.core.config import config_to_dict
 from shiftkit.core.delta import to_delta
 from shiftkit.core.io import atomic_save_tensors
+from shiftkit.core.registry import config_from_dict
 from shiftkit.core.shift import DELTA, Shift, split_key
 from shiftkit.errors import CorruptFileError, ShiftkitError, ShiftMismatchError
 
@@ -340,7 +341,7 @@ class ShiftPool:
             >>> merged = pool.merge("ties", [1.0, 1.0], model=base, density=0.2)
             >>> sk.apply_(base, merged)
         """
-        from shiftkit.merging.api import merge
+        from shiftkit.merging.in_memory import merge
 
         if not self._members:
             raise ShiftkitError("cannot merge an empty pool")
