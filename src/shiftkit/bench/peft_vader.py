@@ -17,7 +17,8 @@ sentences of every domain. Per method it reports:
 Every shift trains its method's parameters plus the new head (``modules_to_save=("head",)``), starting
 from the probe's head (LP-FT, Kumar et al. 2022, arXiv:2202.10054). The per-method configs and learning
 rates are the table :data:`shiftkit.recipes.vader_classify.PLANS`; registered methods without an entry,
-and entries whose method is not registered, are listed as skipped. A method whose worker fails is listed with its error; the others go on.
+and entries whose method is not registered, are listed as skipped. A method whose worker fails is listed with
+its error; the others go on.
 
 Example:
     >>> parser = argparse.ArgumentParser(); add_arguments(parser)

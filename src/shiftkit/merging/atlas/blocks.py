@@ -1,5 +1,6 @@
 """Internals of aTLAS (see :mod:`shiftkit.merging.atlas.method`): random partitions, the resident
-task-vector blocks ``p_b(Λ) = θ0_b + Σ_t Σ_k λ_{t,b,k} (M_{b,k} ⊙ τ_{t,b})``, batch handling and the two objectives.
+task-vector blocks ``p_b(Λ) = θ0_b + Σ_t Σ_k λ_{t,b,k} (M_{b,k} ⊙ τ_{t,b})``, batch handling and the two
+objectives.
 
 Nothing here modifies the model: parameters are substituted with :func:`torch.func.functional_call`.
 """

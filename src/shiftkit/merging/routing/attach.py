@@ -335,8 +335,8 @@ def train_router(
 
     Each step: ``loss = loss_fn(model(*inputs), target) + router.aux_loss()`` (FedIns' key term for a
     :class:`~shiftkit.merging.routing.routers.KeyQueryRouter` with μ > 0), backward, step. The parameters
-    trained are the router's plus anything in the model that requires grad — after :func:`attach_router_` that is
-    nothing unless ``train_members=True``. lr 3e-4 is PSEC's. The model's train/eval mode is left as is.
+    trained are the router's plus anything in the model that requires grad — after :func:`attach_router_` that
+    is nothing unless ``train_members=True``. lr 3e-4 is PSEC's. The model's train/eval mode is left as is.
 
     Args:
         model: a model with ``router`` attached.

@@ -38,8 +38,8 @@ def _kth_largest_abs(flat: Tensor, k: int) -> tuple[Tensor, int, int]:
     ``torch.kthvalue`` copies the whole tensor and selects in it; instead a seeded random sample brackets
     the value, one blockwise pass counts the entries above the bracket and gathers the few inside it, and
     the shared exact selector (:func:`shiftkit.core.functional.kth_smallest`) runs on those only. A
-    bracket that misses (a heavily tied tensor) falls back to selecting over all of ``|x|``. Either way the returned value
-    is exactly ``kthvalue(|x|, n − k + 1)``.
+    bracket that misses (a heavily tied tensor) falls back to selecting over all of ``|x|``. Either way the
+    returned value is exactly ``kthvalue(|x|, n − k + 1)``.
     """
     n = flat.numel()
     if n > 8 * _SAMPLE:

@@ -3,8 +3,8 @@
 For every tensor name ``k`` (sorted order) the engine reads ``θ0[k]`` and the T inputs' ``θ_t[k]``, forms
 ``τ_t = θ_t − θ0`` in float32 (spec §0.4), merges them with the registered merge function (tensor-local
 methods) or the method's :class:`~shiftkit.merging.stream.multipass.StreamPlan` (whole-model
-statistics: statistics passes first, then the apply pass), and writes ``θ0 + τ`` cast to the output dtype. Only the T + 1 input
-tensors of one name and the result are in memory at a time, whatever the model size.
+statistics: statistics passes first, then the apply pass), and writes ``θ0 + τ`` cast to the output dtype.
+Only the T + 1 input tensors of one name and the result are in memory at a time, whatever the model size.
 
 Outputs: a model folder (sharded safetensors + index, ``config.json`` with the output dtype, tokenizer files,
 ``shiftkit_merge.yaml``), or — when ``OUT`` ends in ``.safetensors`` — the merged τ as a delta shift file
