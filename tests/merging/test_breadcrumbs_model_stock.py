@@ -11,8 +11,8 @@ import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError
 from shiftkit.merging.breadcrumbs import breadcrumbs_mask
-from shiftkit.merging.consensus import topk_magnitude
 from shiftkit.merging.model_stock import model_stock_ratio
+from shiftkit.merging.sparsify import topk_magnitude
 
 # spec §1.1 worked vectors
 T1 = [0.5, -0.2, 0.1, 0.0]

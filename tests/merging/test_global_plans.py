@@ -1,4 +1,4 @@
-"""Streaming order statistics and the streaming plans of paper-TIES and PCB vs the in-memory merge.
+"""Streaming order statistics and the multi-pass computations of paper-TIES and PCB vs the in-memory merge.
 
 The plans must reproduce ``sk.merge`` bit for bit (``torch.equal``): order statistics are exact and every
 elementwise step runs on the same per-tensor chunks in both paths.
@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 import shiftkit as sk
+from shiftkit.core.functional import topk_mask
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.merging.consensus import topk_magnitude, topk_mask
 from shiftkit.merging.registry import MERGE_METHODS, get_merge_method
-from shiftkit.merging.stream.multipass import run_plan_in_memory
+from shiftkit.merging.sparsify import topk_magnitude
+from shiftkit.merging.stream.multipass import run_multipass_in_memory
 from shiftkit.merging.stream.order_stats import KthLargestMagnitude, OrderStatistics, decode_key, order_key
 
 
@@ -113,9 +114,9 @@ def as_shifts(tensors: list[dict[str, Tensor]]) -> list[Shift]:
 
 def check_plan(method: str, tensors: list[dict[str, Tensor]], **params: object) -> None:
     weights = [1.0] * len(tensors)
-    plan = get_merge_method(method).plan(weights, **params)
-    assert plan is not None
-    streamed = run_plan_in_memory(plan, tensors, weights)
+    passes = get_merge_method(method).multipass(weights, **params)
+    assert passes is not None
+    streamed = run_multipass_in_memory(passes, tensors, weights)
     merged = sk.merge(as_shifts(tensors), method=method, **params)
     for k in tensors[0]:
         assert torch.equal(streamed[k], merged[k]), k
@@ -133,8 +134,8 @@ def test_ties_plan_global_majority_sign_matters() -> None:
     # two tasks with exactly opposite entries everywhere but one: every vote ties except index 0 (negative)
     a = {"x": torch.tensor([-2.0, 1.0, -1.0]), "y": torch.tensor([3.0])}
     b = {"x": torch.tensor([-1.0, -1.0, 1.0]), "y": torch.tensor([-3.0])}
-    plan = get_merge_method("ties").plan([1.0, 1.0], semantics="paper", density=1.0)
-    out = run_plan_in_memory(plan, [a, b], [1.0, 1.0])
+    passes = get_merge_method("ties").multipass([1.0, 1.0], semantics="paper", density=1.0)
+    out = run_multipass_in_memory(passes, [a, b], [1.0, 1.0])
     torch.testing.assert_close(out["x"], torch.tensor([-1.5, -1.0, -1.0]))
     torch.testing.assert_close(out["y"], torch.tensor([-3.0]))
 
@@ -149,7 +150,7 @@ def test_pcb_plan_equals_merge(tie_heavy: bool, inter: str) -> None:
 
 def test_plan_factories_return_none_when_tensor_local() -> None:
     factories: dict[str, Callable[..., object]] = {
-        name: spec.plan for name, spec in MERGE_METHODS.items() if spec.plan is not None
+        name: spec.multipass for name, spec in MERGE_METHODS.items() if spec.multipass is not None
     }
     assert set(factories) == {"ties", "pcb"}
     assert factories["ties"]([1.0, 2.0], semantics="mergekit") is None

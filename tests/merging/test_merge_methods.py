@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError, UnknownMethodError
-from shiftkit.merging.consensus import dare_rescale
 from shiftkit.merging.slerp import slerp_tensor
+from shiftkit.merging.sparsify import dare_rescale
 
 # spec §1.1 worked vectors
 T1 = [0.5, -0.2, 0.1, 0.0]

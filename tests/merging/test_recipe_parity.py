@@ -312,8 +312,8 @@ def test_float64_reductions_stay_exact_on_2e8_entries_in_small_memory() -> None:
 
 
 def test_model_stock_and_dare_rescale_use_float64_sums() -> None:
-    from shiftkit.merging.consensus import l1_rescaled
     from shiftkit.merging.model_stock import model_stock_ratio
+    from shiftkit.merging.sparsify import l1_rescaled
 
     g = torch.Generator().manual_seed(1)
     n = 16_400_000

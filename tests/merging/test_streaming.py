@@ -1,6 +1,6 @@
 """Streaming checkpoint merge: equals the in-memory ``sk.merge`` on the same task vectors, over sharded HF
 folders (tiny random LlamaForCausalLM saved with save_pretrained), single safetensors files and shift files;
-atomic output; key policy; a multi-pass plan driver; the streaming safetensors writer."""
+atomic output; key policy; a multi-pass computation driver; the streaming safetensors writer."""
 
 from __future__ import annotations
 
@@ -360,14 +360,14 @@ def test_multi_pass_plan_driver(
     ) -> dict[str, Tensor]:
         return {k: sum(t[k] for t in tensors) * scale for k in tensors[0]}
 
-    spec = MergeSpec("fake_global", fake, plan=lambda weights, **p: _MaxNormPlan())
+    spec = MergeSpec("fake_global", fake, multipass=lambda weights, **p: _MaxNormPlan())
     monkeypatch.setitem(MERGE_METHODS._entries, "fake_global", spec)
     models = [{"model": str(root / f"ft{i}"), "parameters": {"weight": w}} for i, w in enumerate([1.0, 2.0])]
     summary = merge_recipe(
         _recipe(tmp_path / "r.yaml", "fake_global", root / "base", models), tmp_path / "out", progress=False
     )
     taus = [_tv(states, f"ft{i}").tensors for i in range(2)]
-    want = plan_mod.run_plan_in_memory(_MaxNormPlan(), taus, [1.0, 2.0])
+    want = plan_mod.run_multipass_in_memory(_MaxNormPlan(), taus, [1.0, 2.0])
     got = load_file(tmp_path / "out" / "model.safetensors")
     for k, v in states["base"].items():
         assert torch.equal(got[k], v + want[k]), k
@@ -402,7 +402,7 @@ def test_registered_global_plans_equal_in_memory(
 def test_global_option_without_plan_is_refused(fp32: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     root, _ = fp32
     models = [{"model": str(root / f"ft{i}"), "parameters": {"weight": 1.0}} for i in range(2)]
-    params = {"density": 0.5, "zero_sign": "global_majority"}  # mergekit semantics: ties_plan gives None
+    params = {"density": 0.5, "zero_sign": "global_majority"}  # mergekit semantics: ties_multipass gives None
     recipe = _recipe(tmp_path / "r.yaml", "ties", root / "base", models, parameters=params)
     with pytest.raises(ShiftkitError, match="whole-model statistics"):
         merge_recipe(recipe, tmp_path / "out", progress=False)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.merging.consensus import dare_keep_mask, key_seed
+from shiftkit.merging.sparsify import dare_keep_mask, key_seed
 
 TINY = {
     "vocab_size": 96,

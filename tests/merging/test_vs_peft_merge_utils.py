@@ -20,7 +20,7 @@ from torch import Tensor
 
 import shiftkit as sk
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.merging.consensus import dare_keep_mask, key_seed, topk_magnitude
+from shiftkit.merging.sparsify import dare_keep_mask, key_seed, topk_magnitude
 
 SHAPES = {"a.weight": (24, 16), "a.bias": (24,), "b.weight": (8, 3, 5), "c.scale": (40,)}
 WEIGHTS = [1.0, 0.5, 2.0]

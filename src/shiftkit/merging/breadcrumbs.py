@@ -22,9 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from shiftkit.core.functional import topk_mask
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging.consensus import rescale_pruned, ties_disjoint_merge, topk_mask
+from shiftkit.merging.consensus import ties_disjoint_merge
 from shiftkit.merging.registry import register_merge
+from shiftkit.merging.sparsify import rescale_pruned
 from shiftkit.merging.task_arithmetic import task_arithmetic
 
 __all__ = ["breadcrumbs", "breadcrumbs_mask", "breadcrumbs_ties"]

@@ -1,34 +1,21 @@
-"""Per-tensor math shared by the merge methods (private).
-
-Trim to the top-k magnitudes, sign election, disjoint mean, DARE drop-and-rescale and the per-tensor seed.
-Everything works on float32 tensors; callers upcast first (spec §0.4: no magnitude ranking in fp16/bf16).
+"""Sign consensus, shared by TIES, DARE-TIES and breadcrumbs-TIES: elect a sign per coordinate and average
+the entries that agree with it (Yadav et al., https://arxiv.org/abs/2306.01708, in mergekit's, the paper's
+and PEFT's variants).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
-
-import numpy as np
 import torch
 from torch import Tensor
 
-from shiftkit.core.functional import abs_sum64
 from shiftkit.errors import ShiftkitError
 
 __all__ = [
     "CONSENSUS",
-    "dare_keep_mask",
-    "dare_rescale",
+    "SEMANTICS",
     "elect_sign",
     "elected_sign_sum",
-    "key_seed",
-    "kth_smallest",
-    "l1_rescaled",
-    "rescale_pruned",
     "ties_disjoint_merge",
-    "topk_magnitude",
-    "topk_mask",
 ]
 
 #: TIES reference semantics (spec §1.2): mergekit, the original paper code, peft
@@ -36,88 +23,6 @@ SEMANTICS = ("mergekit", "paper", "peft")
 
 #: sign-election rules: "sum" (peft "total", TIES "mass") or "count" (peft "frequency")
 CONSENSUS = {"sum": "sum", "total": "sum", "count": "count", "frequency": "count"}
-
-
-def kth_smallest(values: Tensor, j: int) -> Tensor:
-    """Exact 0-based ``j``-th smallest entry of a 1-D float tensor, as a 0-d tensor on its device.
-
-    On CPU ``numpy.partition`` (introselect, about 2× faster than ``torch.kthvalue`` on 10⁷ floats, same
-    value); elsewhere ``torch.kthvalue``.
-
-    Example:
-        >>> kth_smallest(torch.tensor([3.0, 1.0, 2.0]), 0)
-        tensor(1.)
-    """
-    if values.device.type == "cpu" and values.dtype in (torch.float16, torch.float32, torch.float64):
-        arr = values.detach().contiguous().numpy()
-        return torch.tensor(np.partition(arr, j)[j], dtype=values.dtype)
-    return torch.kthvalue(values, j + 1).values
-
-
-def topk_mask(x: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest-|x| entries of ``x``, ties broken by lower flattened index first.
-
-    The order is total (``|x|`` descending, then index ascending), so ``topk_mask(x, a)`` ⊆
-    ``topk_mask(x, b)`` for ``a <= b``. Computed without a full sort: the threshold ``thr`` is the k-th
-    largest magnitude (:func:`kth_smallest` in float32), every ``|x| > thr`` is kept and, among the entries
-    ``== thr``, the first ``k − #{|x| > thr}`` by flattened index (a cumulative sum of the equality mask).
-
-    Args:
-        x: any-shape float tensor.
-        k: number of entries to keep; clipped to ``[0, numel]``.
-
-    Returns:
-        Bool tensor of ``x``'s shape with exactly ``min(max(k, 0), numel)`` True entries.
-
-    Example:
-        >>> topk_mask(torch.tensor([1.0, -3.0, 1.0, 1.0]), 2)
-        tensor([ True,  True, False, False])
-    """
-    flat = x.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    mag = flat.abs().to(torch.float32)
-    thr = kth_smallest(mag, n - k)
-    keep = mag >= thr
-    extra = int(keep.sum()) - k  # > 0 only when several entries tie at the threshold
-    if extra > 0:
-        equal = mag == thr
-        quota = int(equal.sum()) - extra
-        keep = (mag > thr) | (equal & (torch.cumsum(equal, 0) <= quota))
-    return keep.reshape(x.shape)
-
-
-def topk_magnitude(x: Tensor, density: float, min_keep: int = 0) -> Tensor:
-    """Keep exactly ``k = max(min_keep, ⌊density·numel⌋)`` largest-|x| entries of ``x``, zero the rest.
-
-    Ties are broken by flattened index (stable, spec §0.6 ``"exact_k"``): the result equals keeping the
-    first ``k`` entries of ``argsort(|x|, descending=True, stable=True)``, computed faster with
-    :func:`topk_mask`. ``density >= 1`` returns ``x`` unchanged and ``k = 0`` returns zeros.
-
-    Args:
-        x: any-shape float tensor.
-        density: fraction of entries to keep, ``>= 0``.
-        min_keep: least number of entries kept when ``density > 0`` (mergekit keeps at least 1, so a
-            32-entry norm at density 0.02 keeps its largest entry instead of nothing).
-
-    Returns:
-        Tensor of ``x``'s shape.
-
-    Example:
-        >>> topk_magnitude(torch.tensor([0.5, -0.2, 0.1, 0.0]), 0.5)
-        tensor([ 0.5000, -0.2000,  0.0000,  0.0000])
-    """
-    if density >= 1.0:
-        return x
-    k = int(density * x.numel())
-    if density > 0:
-        k = min(max(k, min_keep), x.numel())
-    if k <= 0:
-        return torch.zeros_like(x)
-    return torch.where(topk_mask(x, k), x, torch.zeros_like(x))
 
 
 def elect_sign(stack: Tensor, consensus: str) -> Tensor:
@@ -141,80 +46,6 @@ def elect_sign(stack: Tensor, consensus: str) -> Tensor:
         raise ShiftkitError(f"unknown consensus {consensus!r}; use one of {sorted(CONSENSUS)}")
     votes = stack.sum(0) if rule == "sum" else torch.sign(stack).sum(0)
     return torch.sign(votes)
-
-
-def key_seed(seed: int, key: str, index: int) -> int:
-    """A 63-bit seed from ``(seed, tensor name, shift index)`` (spec §0.8: independent of streaming order).
-
-    Example:
-        >>> key_seed(0, "fc.weight", 1) == key_seed(0, "fc.weight", 1)
-        True
-    """
-    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def dare_keep_mask(shape: Sequence[int], density: float, seed: int) -> Tensor:
-    """Bernoulli(``density``) keep-mask of ``shape`` drawn in float32 on CPU from ``seed``.
-
-    Example:
-        >>> m = dare_keep_mask((3, 3), 0.5, key_seed(0, "w", 0))
-        >>> m.dtype
-        torch.bool
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(tuple(shape), generator=gen, dtype=torch.float32) < density
-
-
-def dare_rescale(x: Tensor, keep: Tensor, density: float, rescale: str) -> Tensor:
-    """Drop entries where ``keep`` is False and rescale the rest (spec §1.3).
-
-    ``"inverse"``: ``keep ⊙ x / density`` (the paper's 1/(1−p)); ``"l1"``: ``(keep ⊙ x)·‖x‖₁/‖keep ⊙ x‖₁``
-    (mergekit since 2024; skipped when either norm < 1e-7); ``"none"``: no rescale.
-
-    Args:
-        x: float tensor; keep: bool tensor of the same shape; density: keep probability in (0, 1).
-        rescale: ``"l1"``, ``"inverse"`` or ``"none"``.
-
-    Returns:
-        Tensor of ``x``'s shape.
-
-    Example:
-        >>> dare_rescale(torch.tensor([1.0, -2, 3, -4]), torch.tensor([1, 0, 1, 0]).bool(), 0.5, "l1")
-        tensor([2.5000, 0.0000, 7.5000, 0.0000])
-    """
-    kept = torch.where(keep.to(x.device), x, torch.zeros_like(x))
-    if rescale == "inverse":
-        return kept / density
-    if rescale == "l1":
-        return l1_rescaled(x, kept)
-    if rescale == "none":
-        return kept
-    raise ShiftkitError(f"unknown rescale {rescale!r}; use 'l1', 'inverse' or 'none'")
-
-
-def l1_rescaled(x: Tensor, kept: Tensor) -> Tensor:
-    """``kept · ‖x‖₁ / ‖kept‖₁`` (mergekit's L1 rescale of a pruned tensor), norms in float64.
-
-    Left as it is when either norm is below 1e-7 (mergekit's guard against dividing by nothing).
-
-    Example:
-        >>> l1_rescaled(torch.tensor([1.0, -3.0]), torch.tensor([0.0, -3.0]))
-        tensor([ 0.0000, -4.0000])
-    """
-    before, after = abs_sum64(x), abs_sum64(kept)
-    if before < 1e-7 or after < 1e-7:
-        return kept
-    return kept * (before / after)
-
-
-def rescale_pruned(x: Tensor, kept: Tensor, rescale: str) -> Tensor:
-    """The pruned ``kept`` of ``x``, L1-rescaled (``"l1"``) or not (``"none"``): mergekit's ``rescale``."""
-    if rescale == "l1":
-        return l1_rescaled(x, kept)
-    if rescale == "none":
-        return kept
-    raise ShiftkitError(f"unknown rescale {rescale!r}; use 'l1' or 'none' (mergekit's true / false)")
 
 
 def elected_sign_sum(stack: Tensor, weights: list[float], *, semantics: str, consensus: str) -> Tensor:
@@ -257,7 +88,8 @@ def ties_disjoint_merge(
         pruned: T dicts of float32 tensors (equal keys and shapes).
         weights: T weights.
         global_sign: with ``"global_majority"``, the sign to use instead of the one computed from
-            ``pruned`` (a streaming plan passes the whole-model value when ``pruned`` holds one tensor).
+            ``pruned`` (a multi-pass computation passes the whole-model value when ``pruned`` holds one
+            tensor).
 
     Returns:
         Merged tensors (before any λ), same keys and shapes.

@@ -13,8 +13,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging.consensus import dare_keep_mask, dare_rescale, key_seed, ties_disjoint_merge
+from shiftkit.merging.consensus import ties_disjoint_merge
 from shiftkit.merging.registry import register_merge
+from shiftkit.merging.sparsify import dare_keep_mask, dare_rescale, key_seed
+from shiftkit.merging.stream.kernels import dare_ties_kernel
 from shiftkit.merging.task_arithmetic import task_arithmetic
 
 __all__ = ["dare_drop", "dare_linear", "dare_ties"]
@@ -90,7 +92,9 @@ def dare_linear(
     return task_arithmetic(dropped, weights, lambda_=lambda_, normalize=normalize)
 
 
-@register_merge("dare_ties", recipe_defaults={"density": 1.0}, recipe_required=("weight",))
+@register_merge(
+    "dare_ties", recipe_defaults={"density": 1.0}, recipe_required=("weight",), kernel=dare_ties_kernel
+)
 def dare_ties(
     tensors: list[dict[str, Tensor]],
     weights: list[float],

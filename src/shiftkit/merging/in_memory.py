@@ -113,10 +113,12 @@ def _common_aliases(shifts: Sequence[Shift], keys: list[str]) -> dict[str, str]:
 
 def _tensor_local(spec: MergeSpec, weights: list[float], params: dict[str, Any]) -> bool:
     """True if merged tensor ``k`` depends on the inputs' tensors ``k`` only (spec §0.5)."""
-    if spec.plan is not None:
-        return spec.plan(list(weights), **params) is None
-    # built-in global options whose streaming plan may not be registered: whole-model trim / majority sign
-    return params.get("semantics") != "paper" and params.get("zero_sign") != "global_majority"
+    if spec.multipass is None:
+        return True
+    try:
+        return spec.multipass(list(weights), **params) is None
+    except ShiftkitError:  # whole-model statistics that no multi-pass computation covers
+        return False
 
 
 def _merge_skip(

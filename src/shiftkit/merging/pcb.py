@@ -14,7 +14,7 @@ Spec §2. On the ``n × d`` matrix ``T`` of flattened shifts (rows = tasks, sort
 Arithmetic is float32 as the reference; order statistics are exact (``torch.kthvalue``). A row whose ``mm``
 denominator is 0 (e.g. an all-zero shift) gets 0 instead of NaN, so such a task has ``β̃ = 0``.
 ``scope="per_tensor"`` computes every statistic per tensor instead (a labelled approximation, one pass).
-Streaming (:class:`PCBPlan`, 8 passes at most) finds the same order statistics with the exact
+Streaming (:class:`PCBPasses`, 8 passes at most) finds the same order statistics with the exact
 streaming selector of :mod:`shiftkit.merging.stream.order_stats` and reproduces the in-memory result
 bit for bit.
 :func:`search_pcb_coefficients` tunes the per-task ``λ_i`` (the reference's optional evolutionary stage).
@@ -28,14 +28,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from shiftkit.core.functional import kth_smallest
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging.consensus import kth_smallest
 from shiftkit.merging.registry import register_merge
-from shiftkit.merging.stream.multipass import register_plan
+from shiftkit.merging.stream.multipass import register_multipass
 from shiftkit.merging.stream.order_stats import OrderStatistics
 
-__all__ = ["PCBPlan", "pcb", "pcb_plan", "search_pcb_coefficients"]
+__all__ = ["PCBPasses", "pcb", "pcb_multipass", "search_pcb_coefficients"]
 
 INTER = ("root", "vision")
 
@@ -186,17 +186,17 @@ def pcb(
     return {k: _combine(parts[k][0], parts[k][1], lams, lambda_) for k in tensors[0]}
 
 
-class PCBPlan:
-    """Streaming plan of :func:`pcb` with ``scope="global"`` (spec §2.5).
+class PCBPasses:
+    """Multi-pass computation of :func:`pcb` with ``scope="global"`` (spec §2.5).
 
     Passes 0–3: per-task bounds ``s[⌊dc⌋]``, ``s[⌊d(1−c)−1⌋]`` of ``|τ_i|`` (exact selector; min/max of
     ``A`` follow from them); passes 4–7: ``β`` per tensor (tensor-local given those bounds) and its
     per-task ``s[⌊d(1−r)⌋]`` and maximum; apply: ``β̃`` and the weighted merge per tensor.
 
     Example:
-        >>> plan = pcb_plan([1.0, 1.0], ratio=0.1)
-        >>> merged = run_plan_in_memory(plan, [tv1.tensors, tv2.tensors], [1.0, 1.0])
-        >>> plan.n_passes
+        >>> passes = pcb_multipass([1.0, 1.0], ratio=0.1)
+        >>> merged = run_multipass_in_memory(passes, [tv1.tensors, tv2.tensors], [1.0, 1.0])
+        >>> passes.n_passes
         8
     """
 
@@ -241,8 +241,8 @@ class PCBPlan:
         return _combine(cs, _scales(betas, b_stats), self.lambdas, self.lambda_)
 
 
-@register_plan("pcb")
-def pcb_plan(
+@register_multipass("pcb")
+def pcb_multipass(
     weights: list[float],
     *,
     ratio: float = 0.1,
@@ -251,19 +251,20 @@ def pcb_plan(
     lambda_: float = 1.0,
     lambdas: Sequence[float] | None = None,
     scope: str = "global",
-) -> PCBPlan | None:
-    """Streaming plan for :func:`pcb`: a :class:`PCBPlan`, or None for ``scope="per_tensor"`` (tensor-local).
+) -> PCBPasses | None:
+    """Multi-pass computation for :func:`pcb`: a :class:`PCBPasses`, or None for ``scope="per_tensor"``
+    (tensor-local).
 
     Args:
         weights: n weights (must be 1); the other arguments as :func:`pcb`.
 
     Returns:
-        The plan, or None.
+        The computation, or None.
 
     Example:
-        >>> pcb_plan([1.0, 1.0], scope="per_tensor") is None
+        >>> pcb_multipass([1.0, 1.0], scope="per_tensor") is None
         True
-        >>> plan = pcb_plan([1.0, 1.0], inter="vision")
+        >>> passes = pcb_multipass([1.0, 1.0], inter="vision")
     """
     _check_weights(weights)
     lams = _check(len(weights), ratio, clamp, inter, lambdas)
@@ -271,7 +272,7 @@ def pcb_plan(
         return None
     if scope != "global":
         raise ShiftkitError(f"unknown pcb scope {scope!r}; use 'global' or 'per_tensor'")
-    return PCBPlan(len(weights), ratio=ratio, clamp=clamp, inter=inter, lambda_=lambda_, lambdas=lams)
+    return PCBPasses(len(weights), ratio=ratio, clamp=clamp, inter=inter, lambda_=lambda_, lambdas=lams)
 
 
 def search_pcb_coefficients(

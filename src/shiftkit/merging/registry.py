@@ -43,9 +43,12 @@ class MergeSpec:
     Attributes:
         name: registry name, equal to the method's file name (``"ties"``).
         fn: the merge function ``fn(tensors, weights, **params)``.
-        plan: streaming-plan factory for whole-model statistics (``factory(weights, **params) ->
-            StreamPlan | None``; ``None`` from it means tensor-local for those parameters), or ``None``
+        multipass: multi-pass factory for whole-model statistics (``factory(weights, **params) ->
+            MultiPass | None``; ``None`` from it means tensor-local for those parameters), or ``None``
             when the method is always tensor-local (:mod:`shiftkit.merging.stream.multipass`).
+        kernel: ``kernel(params) -> fn | None``: an in-place streaming kernel that computes the method exactly
+            for these parameters (:mod:`~shiftkit.merging.stream.kernels`), ``None`` where the general
+            per-tensor path must run; the streaming merge prefers it (less memory, same values).
         needs_base: a recipe must name ``base_model`` (every method but a plain weighted average).
         base_is_input: in a recipe the base model is one of the merged inputs (mergekit's ``linear`` and
             ``slerp``), not only the origin of the shifts.
@@ -57,7 +60,8 @@ class MergeSpec:
 
     name: str
     fn: MergeFn
-    plan: Callable[..., Any] | None = None
+    multipass: Callable[..., Any] | None = None
+    kernel: Callable[[Mapping[str, Any]], Any] | None = None
     needs_base: bool = True
     base_is_input: bool = False
     recipe_defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -92,6 +96,7 @@ def register_merge_method(
     recipe_defaults: Mapping[str, Any] | None = None,
     recipe_required: tuple[str, ...] = (),
     recipe_ignored: tuple[str, ...] = (),
+    kernel: Callable[[Mapping[str, Any]], Any] | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator registering a merge function under ``name`` (from any module, yours included).
 
@@ -112,6 +117,7 @@ def register_merge_method(
                 recipe_defaults=dict(recipe_defaults or {}),
                 recipe_required=tuple(recipe_required),
                 recipe_ignored=tuple(recipe_ignored),
+                kernel=kernel,
             ),
         )
         return fn
@@ -123,9 +129,9 @@ def register_merge_method(
 register_merge = register_merge_method
 
 
-def set_plan(name: str, factory: Callable[..., Any]) -> None:
+def set_multipass(name: str, factory: Callable[..., Any]) -> None:
     """Attach a multi-pass factory to the registered method ``name`` (see :mod:`~.stream.multipass`)."""
-    MERGE_METHODS.update(name, replace(MERGE_METHODS.get(name), plan=factory))
+    MERGE_METHODS.update(name, replace(MERGE_METHODS.get(name), multipass=factory))
 
 
 def get_merge_method(name: str) -> MergeSpec:

@@ -13,7 +13,7 @@ Three reference semantics, picked with ``semantics=``:
   ``(d − ⌊d·density⌋)``-th smallest magnitude (``⌊d·density⌋+1`` entries plus ties, as the original code);
   zero votes take the global majority sign; no per-task weights.
 
-Streaming (``semantics="paper"``): :func:`ties_plan` finds each task's global threshold with the exact
+Streaming (``semantics="paper"``): :func:`ties_multipass` finds each task's global threshold with the exact
 streaming order statistic of :mod:`shiftkit.merging.stream.order_stats` (4 passes), then, for ``zero_sign=
 "global_majority"``, one more pass sums the elected signs over the whole model; the apply step is
 tensor-local. Its output equals the in-memory merge bit for bit.
@@ -24,20 +24,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from shiftkit.core.functional import kth_smallest
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging.consensus import (
-    SEMANTICS,
-    elected_sign_sum,
-    kth_smallest,
-    rescale_pruned,
-    ties_disjoint_merge,
-    topk_magnitude,
-)
+from shiftkit.merging.consensus import SEMANTICS, elected_sign_sum, ties_disjoint_merge
 from shiftkit.merging.registry import register_merge
-from shiftkit.merging.stream.multipass import register_plan
+from shiftkit.merging.sparsify import rescale_pruned, topk_magnitude
+from shiftkit.merging.stream.kernels import ties_kernel
+from shiftkit.merging.stream.multipass import register_multipass
 from shiftkit.merging.stream.order_stats import OrderStatistics
 
-__all__ = ["TiesPaperPlan", "paper_trim", "ties", "ties_plan"]
+__all__ = ["TiesPaperPasses", "paper_trim", "ties", "ties_multipass"]
 
 
 def _paper_rank(d: int, density: float) -> int:
@@ -73,6 +69,7 @@ def paper_trim(task: dict[str, Tensor], density: float) -> dict[str, Tensor]:
     "ties",
     recipe_defaults={"density": 1.0},  # mergekit: no trim unless the recipe asks for one
     recipe_required=("weight",),
+    kernel=ties_kernel,
 )
 def ties(
     tensors: list[dict[str, Tensor]],
@@ -134,8 +131,8 @@ def ties(
     return {k: v * lambda_ for k, v in mixed.items()}
 
 
-class TiesPaperPlan:
-    """Streaming plan of ``ties(semantics="paper")`` (see :mod:`shiftkit.merging.stream.multipass`).
+class TiesPaperPasses:
+    """Multi-pass computation of ``ties(semantics="paper")`` (see :mod:`shiftkit.merging.stream.multipass`).
 
     Passes 0–3: per-task exact global threshold of ``|τ_t|`` (:class:`OrderStatistics`); pass 4 (only
     with ``zero_sign="global_majority"``): ``Σ_p γ_p`` over the whole model; apply: trim with ``≥ thr_t``,
@@ -146,9 +143,9 @@ class TiesPaperPlan:
         density: kept fraction K; ``lambda_``, ``consensus``, ``zero_sign`` as in :func:`ties`.
 
     Example:
-        >>> plan = get_merge_method("ties").plan([1.0, 1.0], semantics="paper", density=0.2)
-        >>> out = run_plan_in_memory(plan, [tv1.tensors, tv2.tensors], [1.0, 1.0])
-        >>> plan.n_passes
+        >>> passes = get_merge_method("ties").multipass([1.0, 1.0], semantics="paper", density=0.2)
+        >>> out = run_multipass_in_memory(passes, [tv1.tensors, tv2.tensors], [1.0, 1.0])
+        >>> passes.n_passes
         5
     """
 
@@ -205,8 +202,8 @@ class TiesPaperPlan:
         return mixed[key] * self.lambda_
 
 
-@register_plan("ties")
-def ties_plan(
+@register_multipass("ties")
+def ties_multipass(
     weights: list[float],
     *,
     density: float = 0.2,
@@ -216,23 +213,29 @@ def ties_plan(
     normalize: bool = True,
     zero_sign: str | None = None,
     rescale: str = "none",
-) -> TiesPaperPlan | None:
-    """Streaming plan for :func:`ties`: a :class:`TiesPaperPlan` for ``semantics="paper"``, else None.
+) -> TiesPaperPasses | None:
+    """Multi-pass computation of :func:`ties`: :class:`TiesPaperPasses` for ``semantics="paper"``, else None.
 
     Args:
         weights: T weights (all 1 for ``"paper"``); the other arguments as :func:`ties`.
 
     Returns:
-        The plan, or None when the merge is tensor-local (``"mergekit"``, ``"peft"``).
+        The computation, or None when the merge is tensor-local (``"mergekit"``, ``"peft"``).
 
     Example:
-        >>> ties_plan([1.0, 1.0], semantics="mergekit") is None
+        >>> ties_multipass([1.0, 1.0], semantics="mergekit") is None
         True
-        >>> plan = ties_plan([1.0, 1.0], semantics="paper", density=0.2)
+        >>> passes = ties_multipass([1.0, 1.0], semantics="paper", density=0.2)
     """
     if semantics not in SEMANTICS:
         raise ShiftkitError(f"unknown TIES semantics {semantics!r}; use one of {list(SEMANTICS)}")
     if semantics != "paper":
+        if zero_sign == "global_majority":  # whole-model statistics no multi-pass computation covers
+            raise ShiftkitError(
+                f"TIES zero_sign='global_majority' with semantics={semantics!r} needs whole-model "
+                "statistics, which only semantics='paper' streams: merge in memory (sk.merge), or use "
+                "zero_sign='positive'"
+            )
         return None
     if rescale != "none":
         raise ShiftkitError(f"TIES rescale={rescale!r} is a mergekit option: use semantics='mergekit'")
@@ -243,4 +246,4 @@ def ties_plan(
     zs = zero_sign or "global_majority"
     if zs not in ("positive", "global_majority"):
         raise ShiftkitError(f"unknown zero_sign {zs!r}; use 'positive' or 'global_majority'")
-    return TiesPaperPlan(len(weights), density=density, lambda_=lambda_, consensus=consensus, zero_sign=zs)
+    return TiesPaperPasses(len(weights), density=density, lambda_=lambda_, consensus=consensus, zero_sign=zs)

@@ -20,7 +20,7 @@ from shiftkit.core.attach import attached_wrappers
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.tying import collapse_tied, model_names
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
-from shiftkit.merging.consensus import key_seed
+from shiftkit.merging.sparsify import key_seed
 
 __all__ = [
     "AtlasBlocks",

@@ -9,15 +9,21 @@ The exact k-th largest magnitude comes from a sampled bracket instead of ``kthva
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from shiftkit.core.functional import abs_sum64
-from shiftkit.merging.consensus import kth_smallest
+from shiftkit.core.functional import abs_sum64, kth_smallest
 
-__all__ = ["dare_ties_into_", "ties_into_"]
+__all__ = ["KernelFn", "dare_ties_into_", "dare_ties_kernel", "ties_into_", "ties_kernel"]
+
+#: ``kernel(acc, taus, weights, key)``: adds the merged shift of tensor ``key`` into ``acc`` in place, free to
+#: overwrite the float32 ``taus`` it owns
+KernelFn = Callable[[Tensor, list[Tensor], list[float], str], None]
+#: the consensus rules the kernels implement (mergekit's names and PEFT's)
+_CONSENSUS = ("sum", "total", "count", "frequency")
 
 #: elements per block of the lean TIES kernel: 1 MiB of float32 temporaries, tiny next to a large tensor
 _BLOCK = 1 << 18
@@ -138,7 +144,7 @@ def dare_ties_into_(
         >>> dare_ties_into_(acc, [tau1, tau2], [1.0, 1.0], {"density": 0.3, "rescale": "l1", "seed": 0,
         ...                 "consensus": "sum", "normalize": False, "lambda_": 1.0}, "fc.weight")
     """
-    from shiftkit.merging.consensus import dare_keep_mask, key_seed
+    from shiftkit.merging.sparsify import dare_keep_mask, key_seed
 
     density, rescale = params["density"], params["rescale"]
     for i, t in enumerate(taus):
@@ -186,3 +192,32 @@ def _elect_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: 
         if params["normalize"]:
             mixed.div_(div.masked_fill_(div == 0, 1.0))
         out[b].add_(mixed.mul_(params["lambda_"]))
+
+
+def ties_kernel(params: Mapping[str, Any]) -> KernelFn | None:
+    """The in-place kernel of ``ties`` for these parameters (``MergeSpec.kernel``), or None where only the
+    general path computes them (paper or PEFT semantics, the global zero sign, an L1 rescale).
+
+    Example:
+        >>> kernel = ties_kernel({"density": 0.5, "semantics": "mergekit", "consensus": "sum", ...})
+    """
+    p = dict(params)
+    if p.get("semantics") != "mergekit" or p.get("consensus") not in _CONSENSUS:
+        return None
+    if p.get("zero_sign") not in (None, "positive") or p.get("rescale", "none") != "none":
+        return None
+    return lambda acc, taus, weights, key: ties_into_(acc, taus, weights, p)
+
+
+def dare_ties_kernel(params: Mapping[str, Any]) -> KernelFn | None:
+    """The in-place kernel of ``dare_ties`` for these parameters (``MergeSpec.kernel``), or None.
+
+    Example:
+        >>> kernel = dare_ties_kernel({"density": 0.5, "rescale": "l1", "seed": 0, ...})
+    """
+    p = dict(params)
+    if p.get("semantics") != "mergekit" or p.get("consensus") not in _CONSENSUS:
+        return None
+    if p.get("rescale") not in ("l1", "inverse", "none"):
+        return None
+    return lambda acc, taus, weights, key: dare_ties_into_(acc, taus, weights, p, key)

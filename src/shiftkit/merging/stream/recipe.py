@@ -251,8 +251,8 @@ def _probe(spec: MergeSpec, n: int, weights: list[float], params: dict[str, Any]
     probe = [{"probe": torch.randn(8, generator=gen)} for _ in range(n)]
     try:
         spec.fn(probe, weights, **params)
-        if spec.plan is not None:
-            spec.plan(list(weights), **params)
+        if spec.multipass is not None:
+            spec.multipass(list(weights), **params)
     except ShiftkitError as err:
         raise ShiftkitError(f"recipe parameters rejected by {spec.name!r}: {err}") from None
     except (TypeError, ValueError) as err:

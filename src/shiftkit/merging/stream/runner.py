@@ -2,7 +2,7 @@
 
 For every tensor name ``k`` (sorted order) the engine reads ``θ0[k]`` and the T inputs' ``θ_t[k]``, forms
 ``τ_t = θ_t − θ0`` in float32 (spec §0.4), merges them with the registered merge function (tensor-local
-methods) or the method's :class:`~shiftkit.merging.stream.multipass.StreamPlan` (whole-model
+methods) or the method's :class:`~shiftkit.merging.stream.multipass.MultiPass` (whole-model
 statistics: statistics passes first, then the apply pass), and writes ``θ0 + τ`` cast to the output dtype.
 Only the T + 1 input tensors of one name and the result are in memory at a time, whatever the model size.
 
@@ -42,7 +42,6 @@ from shiftkit.merging.stream.checkpoints import (
     open_checkpoint,
     parse_size,
 )
-from shiftkit.merging.stream.kernels import dare_ties_into_, ties_into_
 from shiftkit.merging.stream.recipe import ResolvedRecipe, load_recipe
 
 __all__ = ["MergeSummary", "merge_recipe"]
@@ -98,49 +97,32 @@ class MergeSummary:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
-def _plan_for(recipe: ResolvedRecipe, spec: MergeSpec) -> Any:
-    factory = spec.plan
-    plan = factory(list(recipe.weights), **recipe.params) if factory is not None else None
-    p = recipe.params
-    # a global option that the registered plan (if any) does not cover would silently become per-tensor
-    needs_global = recipe.method == "ties" and (
-        p.get("zero_sign") == "global_majority" or (factory is None and p.get("semantics") == "paper")
-    )
-    if plan is None and needs_global:
-        raise ShiftkitError(
-            f"{recipe.method!r} with {p} needs whole-model statistics and no streaming plan covers it; "
-            "use sk.merge in memory, or zero_sign='positive' / semantics='mergekit'"
-        )
-    if plan is not None and recipe.on_missing == "skip":
+def _multipass_for(recipe: ResolvedRecipe, spec: MergeSpec) -> Any:
+    """The method's multi-pass computation for these parameters, or None when it is tensor-local."""
+    passes = spec.multipass(list(recipe.weights), **recipe.params) if spec.multipass is not None else None
+    if passes is not None and recipe.on_missing == "skip":
         raise ShiftkitError("on_missing='skip' is not supported with multi-pass methods; use 'zero'")
-    return plan
+    return passes
 
 
-def _lean_kernel(recipe: ResolvedRecipe, plan: Any) -> Any:
-    """The in-place kernel that reproduces the registered method for these parameters, or None."""
-    p = recipe.params
-    if plan is not None or recipe.on_missing == "skip" or p.get("semantics") != "mergekit":
+def _lean_kernel(recipe: ResolvedRecipe, spec: MergeSpec, passes: Any) -> Any:
+    """The method's in-place kernel for these parameters (``MergeSpec.kernel``), or None."""
+    if passes is not None or recipe.on_missing == "skip" or spec.kernel is None:
         return None
-    if p.get("consensus") not in ("sum", "total", "count", "frequency"):
-        return None
-    if recipe.method == "ties" and p.get("zero_sign") in (None, "positive") and p.get("rescale") == "none":
-        return lambda acc, taus, weights, key: ties_into_(acc, taus, weights, p)
-    if recipe.method == "dare_ties" and p.get("rescale") in ("l1", "inverse", "none"):
-        return lambda acc, taus, weights, key: dare_ties_into_(acc, taus, weights, p, key)
-    return None
+    return spec.kernel(recipe.params)
 
 
 def _merge_one(
     spec: MergeSpec,
-    plan: Any,
+    passes: Any,
     recipe: ResolvedRecipe,
     key: str,
     taus: list[Tensor],
     theta0: Tensor,
     which: list[int],
 ) -> Tensor:
-    if plan is not None:
-        return plan.apply(key, taus, list(recipe.weights))
+    if passes is not None:
+        return passes.apply(key, taus, list(recipe.weights))
     ts = [taus[i] for i in which] if len(which) < len(taus) else taus
     ws = [recipe.weights[i] for i in which] if len(which) < len(taus) else list(recipe.weights)
     # weight-space methods (slerp, unnormalised linear) need θ0 itself; without a base θ0 = 0
@@ -228,7 +210,7 @@ def merge_recipe(
         A :class:`MergeSummary`.
 
     Raises:
-        ShiftkitError: invalid recipe, ``out`` exists without ``force``, a method needing a missing plan.
+        ShiftkitError: invalid recipe, ``out`` exists without ``force``, a method needing a missing passes.
         ShiftMismatchError: keys or shapes of the inputs disagree (see the module docstring).
 
     Example:
@@ -248,7 +230,7 @@ def merge_recipe(
         r = replace(r, max_shard_size=parse_size(max_shard_size))
     shard_size = r.max_shard_size
     spec = get_merge_method(r.method)
-    plan = _plan_for(r, spec)
+    passes = _multipass_for(r, spec)
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(r.base)) if r.base is not None else None
         models = [stack.enter_context(open_checkpoint(p)) for p in r.models]
@@ -273,7 +255,7 @@ def merge_recipe(
             ],
             tensors=len(lay.merged),
             copied=0 if as_shift else len(lay.copied),
-            passes=(plan.n_passes if plan is not None else 0) + 1,
+            passes=(passes.n_passes if passes is not None else 0) + 1,
             dry_run=dry_run,
         )
         keys = sorted(lay.merged) if as_shift else sorted(lay.merged + lay.copied)
@@ -294,7 +276,7 @@ def merge_recipe(
                 torch.set_num_threads(1)
             try:
                 written = _run(
-                    r, spec, plan, lay, base, models, entries, tmp, shard_size, as_shift, progress, device
+                    r, spec, passes, lay, base, models, entries, tmp, shard_size, as_shift, progress, device
                 )
             finally:
                 torch.set_num_threads(threads)
@@ -358,7 +340,7 @@ def _planned_outputs(
 def _run(
     r: ResolvedRecipe,
     spec: MergeSpec,
-    plan: Any,
+    passes: Any,
     lay: KeyLayout,
     base: Checkpoint | None,
     models: list[Checkpoint],
@@ -374,9 +356,9 @@ def _run(
     dev = torch.device(device)
     reader = ShiftReader(base, models, dev)
     weights = list(r.weights)
-    n_passes = plan.n_passes if plan is not None else 0
+    n_passes = passes.n_passes if passes is not None else 0
     merged = set(lay.merged)
-    lean = _lean_kernel(r, plan)
+    lean = _lean_kernel(r, spec, passes)
 
     def _load(k: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple[Tensor, list]:
         if k not in merged:  # copied from the base as it is (cast to the output dtype)
@@ -390,7 +372,7 @@ def _run(
             lean(res, taus, weights, k)
             _check_finite(k, res)
             return res
-        tau = _merge_one(spec, plan, r, k, taus, theta0, lay.present[k])
+        tau = _merge_one(spec, passes, r, k, taus, theta0, lay.present[k])
         return tau if as_shift else theta0.add_(tau)
 
     def _numel(k: str) -> int:
@@ -408,9 +390,9 @@ def _run(
             observed = _prefetched(lay.merged, lambda k: _load(k, tuple(lay.ref.shape(k) or ())), _numel)
             with closing(observed):  # closing: stop the read-ahead thread on errors too
                 for k, (_, taus) in observed:
-                    plan.observe(p, k, taus, weights)
+                    passes.observe(p, k, taus, weights)
                     bar.update(1)
-            plan.end_pass(p)
+            passes.end_pass(p)
         if as_shift:
             from shiftkit._version import __version__
             from shiftkit.core.io import FORMAT_VERSION, META_KEY
