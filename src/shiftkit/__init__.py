@@ -38,6 +38,7 @@ _API: dict[str, str] = {
     "list_methods": "shiftkit.core.registry",
     "register_method": "shiftkit.core.registry",
     "get_method": "shiftkit.core.registry",
+    "MethodSpec": "shiftkit.core.registry",
     # learn / fold
     "attach_": "shiftkit.core.attach",
     "detach_": "shiftkit.core.attach",
@@ -55,6 +56,9 @@ _API: dict[str, str] = {
     # merging
     "merge": "shiftkit.merging.in_memory",
     "list_merge_methods": "shiftkit.merging.registry",
+    "register_merge_method": "shiftkit.merging.registry",
+    "get_merge_method": "shiftkit.merging.registry",
+    "MergeSpec": "shiftkit.merging.registry",
     "merge_recipe": "shiftkit.merging.stream.runner",
     "MergeSummary": "shiftkit.merging.stream.runner",
     "merge_lora": "shiftkit.merging.lowrank",
@@ -107,7 +111,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from shiftkit.core.config import ShiftConfig
     from shiftkit.core.delta import apply_, task_vector, to_delta
     from shiftkit.core.io import load, save
-    from shiftkit.core.registry import get_method, list_methods, register_method
+    from shiftkit.core.registry import MethodSpec, get_method, list_methods, register_method
     from shiftkit.core.shift import Shift
     from shiftkit.errors import (
         AssetNotFoundError,
@@ -123,7 +127,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from shiftkit.merging.atlas.method import AtlasResult, learn_atlas
     from shiftkit.merging.in_memory import merge
     from shiftkit.merging.lowrank import LoraMergeResult, lora_to_delta, merge_lora
-    from shiftkit.merging.registry import list_merge_methods
+    from shiftkit.merging.registry import (
+        MergeSpec,
+        get_merge_method,
+        list_merge_methods,
+        register_merge_method,
+    )
     from shiftkit.merging.routing.attach import attach_router_, detach_router_, train_router
     from shiftkit.merging.routing.pool import ShiftPool
     from shiftkit.merging.routing.routers import KeyQueryRouter, LearnedRouter

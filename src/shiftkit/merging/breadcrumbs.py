@@ -85,7 +85,9 @@ def _masked(
     ]
 
 
-@register_merge("breadcrumbs", recipe_defaults={"density": 1.0}, recipe_required=("weight",))
+@register_merge(
+    "breadcrumbs", recipe_defaults={"density": 1.0}, recipe_required=("weight",), lossless={"density": 1.0}
+)
 def breadcrumbs(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
@@ -121,7 +123,12 @@ def breadcrumbs(
     return task_arithmetic(masked, weights, lambda_=lambda_, normalize=normalize)
 
 
-@register_merge("breadcrumbs_ties", recipe_defaults={"density": 1.0}, recipe_required=("weight",))
+@register_merge(
+    "breadcrumbs_ties",
+    recipe_defaults={"density": 1.0},
+    recipe_required=("weight",),
+    lossless={"density": 1.0},
+)
 def breadcrumbs_ties(
     tensors: list[dict[str, Tensor]],
     weights: list[float],

@@ -60,7 +60,9 @@ def dare_drop(
     return out
 
 
-@register_merge("dare_linear", recipe_defaults={"density": 1.0}, recipe_required=("weight",))
+@register_merge(
+    "dare_linear", recipe_defaults={"density": 1.0}, recipe_required=("weight",), lossless={"density": 1.0}
+)
 def dare_linear(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
@@ -93,7 +95,11 @@ def dare_linear(
 
 
 @register_merge(
-    "dare_ties", recipe_defaults={"density": 1.0}, recipe_required=("weight",), kernel=dare_ties_kernel
+    "dare_ties",
+    recipe_defaults={"density": 1.0},
+    recipe_required=("weight",),
+    kernel=dare_ties_kernel,
+    lossless={"density": 1.0},
 )
 def dare_ties(
     tensors: list[dict[str, Tensor]],

@@ -186,6 +186,12 @@ def merge(
 
     spec = MERGE_METHODS.get(method)
     _check_params(spec, params)
+    n = len(shifts) if isinstance(shifts, Sequence) and not isinstance(shifts, Shift) else 0
+    if n and (n < spec.min_inputs or (spec.max_inputs is not None and n > spec.max_inputs)):
+        want = spec.min_inputs if spec.max_inputs == spec.min_inputs else f"{spec.min_inputs} or more"
+        if spec.max_inputs not in (None, spec.min_inputs):
+            want = f"{spec.min_inputs} to {spec.max_inputs}"
+        raise ShiftkitError(f"merge method {method!r} merges {want} shifts, got {n}")
     deltas = _as_deltas(shifts)
     keys = _check_inputs(deltas, on_missing)
     if weights is None:
@@ -196,6 +202,8 @@ def merge(
             raise ShiftkitError(f"got {len(ws)} weights for {len(shifts)} shifts")
         if not all(math.isfinite(w) for w in ws):
             raise ShiftkitError(f"merge weights must be finite, got {ws}")
+        if spec.weighting == "none" and any(w != 1.0 for w in ws):
+            raise ShiftkitError(f"merge method {method!r} has no per-shift weights; leave weights at 1")
     ref = {k: next(s.tensors[k] for s in deltas if k in s.tensors) for k in keys}
     aliases = _common_aliases(deltas, keys)
     own = [k for k in keys if k not in aliases]

@@ -19,7 +19,9 @@ from shiftkit.merging.registry import register_merge
 __all__ = ["linear"]
 
 
-@register_merge("linear", needs_base=False, base_is_input=True, recipe_required=("weight",))
+@register_merge(
+    "linear", needs_base=False, base_is_input=True, recipe_required=("weight",), weighting="normalized"
+)
 def linear(
     tensors: list[dict[str, Tensor]],
     weights: list[float],

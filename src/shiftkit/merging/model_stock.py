@@ -78,7 +78,7 @@ def _row_sums(vectors: list[Tensor]) -> tuple[Tensor, Tensor]:
     return squares.reshape(k, *lead), dots.reshape(-1, *lead)
 
 
-@register_merge("model_stock")
+@register_merge("model_stock", min_inputs=2, weighting="none")
 def model_stock(
     tensors: list[dict[str, Tensor]], weights: list[float], *, filter_wise: bool = False
 ) -> dict[str, Tensor]:

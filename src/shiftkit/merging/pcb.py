@@ -146,7 +146,8 @@ def _pcb_parts(
     return out
 
 
-@register_merge("pcb")
+# no setting keeps every entry: step 4's min–max normalisation zeroes each task's least-balanced one
+@register_merge("pcb", weighting="none", lossless={"ratio": 1.0, "clamp": 0.0}, drops_entries=True)
 def pcb(
     tensors: list[dict[str, Tensor]],
     weights: list[float],

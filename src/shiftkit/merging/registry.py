@@ -21,9 +21,11 @@ from typing import Any
 from torch import Tensor
 
 from shiftkit.core.registry import Registry
+from shiftkit.errors import ShiftkitError
 
 __all__ = [
     "MERGE_METHODS",
+    "WEIGHTINGS",
     "MergeFn",
     "MergeSpec",
     "get_merge_method",
@@ -31,6 +33,9 @@ __all__ = [
     "register_merge",
     "register_merge_method",
 ]
+
+#: how a method's per-shift weights act (see :class:`MergeSpec`)
+WEIGHTINGS = ("normalized", "linear", "none")
 
 #: ``fn(tensors: list[dict[str, Tensor]], weights: list[float], **params) -> dict[str, Tensor]``
 MergeFn = Callable[..., dict[str, Tensor]]
@@ -56,12 +61,27 @@ class MergeSpec:
             (``ties``: ``density`` 1.0, no trim; ``sk.merge`` keeps the paper's 0.2).
         recipe_required: recipe keys mergekit requires (``"weight"``, ``"t"``): missing is an error.
         recipe_ignored: recipe parameters mergekit accepts without effect for this method.
+        min_inputs: the fewest shifts the method merges (2 for ``slerp`` and ``model_stock``).
+        max_inputs: the most (2 for ``slerp``), or ``None``.
+        weighting: how the per-shift weights act: ``"normalized"`` (only their ratios matter: scaling them
+            all changes nothing), ``"linear"`` (the result scales with them) or ``"none"`` (the method has
+            no weights; anything but 1 is an error).
+        lossless: parameter values under which the method keeps every entry (no trim, drop or clamp): one
+            shift merged alone with weight 1, or copies of it, give it back. Used by the conformance tests.
+        drops_entries: even at ``lossless`` settings the method zeroes some entries (PCB's min–max
+            normalisation zeroes each task's least-balanced one): merging one shift then gives it back
+            where it keeps an entry and 0 elsewhere.
     """
 
     name: str
     fn: MergeFn
     multipass: Callable[..., Any] | None = None
     kernel: Callable[[Mapping[str, Any]], Any] | None = None
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    weighting: str = "linear"
+    lossless: Mapping[str, Any] = field(default_factory=dict)
+    drops_entries: bool = False
     needs_base: bool = True
     base_is_input: bool = False
     recipe_defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -97,6 +117,11 @@ def register_merge_method(
     recipe_required: tuple[str, ...] = (),
     recipe_ignored: tuple[str, ...] = (),
     kernel: Callable[[Mapping[str, Any]], Any] | None = None,
+    min_inputs: int = 1,
+    max_inputs: int | None = None,
+    weighting: str = "linear",
+    lossless: Mapping[str, Any] | None = None,
+    drops_entries: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator registering a merge function under ``name`` (from any module, yours included).
 
@@ -105,6 +130,11 @@ def register_merge_method(
         ... def first(tensors, weights): return dict(tensors[0])
         >>> sk.merge([a, b], method="first")
     """
+
+    if weighting not in WEIGHTINGS:
+        raise ShiftkitError(
+            f"merge method {name!r}: weighting must be one of {WEIGHTINGS}, got {weighting!r}"
+        )
 
     def deco(fn: MergeFn) -> MergeFn:
         MERGE_METHODS.add(
@@ -118,6 +148,11 @@ def register_merge_method(
                 recipe_required=tuple(recipe_required),
                 recipe_ignored=tuple(recipe_ignored),
                 kernel=kernel,
+                min_inputs=min_inputs,
+                max_inputs=max_inputs,
+                weighting=weighting,
+                lossless=dict(lossless or {}),
+                drops_entries=drops_entries,
             ),
         )
         return fn

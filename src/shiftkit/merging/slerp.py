@@ -54,7 +54,9 @@ def slerp_tensor(v0: Tensor, v1: Tensor, t: float) -> Tensor:
     return (math.sin((1.0 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
 
 
-@register_merge("slerp", base_is_input=True, recipe_required=("t",))
+@register_merge(
+    "slerp", base_is_input=True, recipe_required=("t",), min_inputs=2, max_inputs=2, weighting="none"
+)
 def slerp(
     tensors: list[dict[str, Tensor]],
     weights: list[float],

@@ -70,6 +70,8 @@ def paper_trim(task: dict[str, Tensor], density: float) -> dict[str, Tensor]:
     recipe_defaults={"density": 1.0},  # mergekit: no trim unless the recipe asks for one
     recipe_required=("weight",),
     kernel=ties_kernel,
+    weighting="normalized",
+    lossless={"density": 1.0},
 )
 def ties(
     tensors: list[dict[str, Tensor]],

@@ -2,6 +2,7 @@
 
 Example recipe (``examples/merge_ties.yaml``)::
 
+    plugins: [my_project.merges]    # optional: modules imported first (they register their own methods)
     merge_method: ties              # any name from sk.list_merge_methods()
     base_model: models/base         # HF folder or .safetensors file (θ0)
     models:                         # HF folders, .safetensors files, or shiftkit shift files (τ)
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shiftkit.core.registry import load_plugins
 from shiftkit.errors import ShiftkitError
 from shiftkit.merging.registry import MergeSpec
 from shiftkit.merging.stream.checkpoints import parse_size
@@ -44,6 +46,7 @@ from shiftkit.merging.stream.checkpoints import parse_size
 __all__ = ["ResolvedRecipe", "load_recipe", "resolve_recipe"]
 
 TOP_KEYS = (
+    "plugins",
     "merge_method",
     "base_model",
     "models",
@@ -94,6 +97,7 @@ class ResolvedRecipe:
         max_shard_size: bytes per output shard.
         on_missing: ``"error"``, ``"zero"`` or ``"skip"`` for tensors missing from some models (spec §0.3).
         source: the recipe file, if read from one.
+        plugins: modules imported first (the recipe's ``plugins:``): they register user merge methods.
 
     Example:
         >>> r = load_recipe("examples/merge_ties.yaml")
@@ -111,6 +115,7 @@ class ResolvedRecipe:
     max_shard_size: int = 2 * 10**9
     on_missing: str = "error"
     source: Path | None = None
+    plugins: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data in mergekit's shape (re-loadable with :func:`resolve_recipe`).
@@ -122,7 +127,9 @@ class ResolvedRecipe:
         from shiftkit._version import __version__
 
         params = {("lambda" if k == "lambda_" else k): v for k, v in self.params.items()}
+        plugins: dict[str, Any] = {"plugins": list(self.plugins)} if self.plugins else {}
         return {
+            **plugins,
             "merge_method": self.method,
             "base_model": None if self.base is None else str(self.base),
             "models": [
@@ -282,6 +289,10 @@ def resolve_recipe(data: dict[str, Any], source: str | os.PathLike[str] | None =
     if not isinstance(data, dict):
         raise ShiftkitError(f"a merge recipe is a mapping, got {type(data).__name__}")
     _check_keys("recipe", data, TOP_KEYS)
+    plugins = data.get("plugins") or []
+    if isinstance(plugins, str) or not isinstance(plugins, list):
+        raise ShiftkitError(f"'plugins:' is a list of module names, got {plugins!r}")
+    load_plugins(plugins)  # a user's module registers its own merge methods before the look-up
     base_dir = Path(source).resolve().parent if source is not None else None
     method = data.get("merge_method")
     if not isinstance(method, str):
@@ -367,6 +378,7 @@ def resolve_recipe(data: dict[str, Any], source: str | os.PathLike[str] | None =
         max_shard_size=parse_size(sk_opts.get("max_shard_size", DEFAULT_SHARD)),
         on_missing=str(on_missing),
         source=None if source is None else Path(source).resolve(),
+        plugins=[str(p) for p in plugins],
     )
 
 
