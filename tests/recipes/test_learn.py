@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import shiftkit as sk
-from shiftkit.recipes.config import build_model, load_run_config, method_config, parse_run_config
+from shiftkit.recipes.learn_run import build_model, load_run_config, method_config, parse_run_config
 from shiftkit.recipes.learn import (
     EncodedTexts,
     TrainConfig,

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from shiftkit.cli._table import format_table, write_json
     from shiftkit.errors import ShiftkitError
-    from shiftkit.recipes.config import load_run_config, run_learn
+    from shiftkit.recipes.learn_run import load_run_config, run_learn
 
     config = load_run_config(args.config)
     output = args.output or config.output

@@ -2,6 +2,7 @@
 
 The config (read with ``yaml.safe_load``; an unknown key anywhere is a :class:`ShiftkitError` naming it)::
 
+    plugins: [my_project.methods]  # optional: modules imported first (they register their own methods)
     model: minilm                  # a zoo text encoder, or "package.module:function" -> (model, tokenizer)
     data:                          # a zoo dataset; only "vader" (4 sentiment domains) for now
       name: vader
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shiftkit.core.registry import load_plugins
 from shiftkit.errors import ShiftkitError
 from shiftkit.recipes.learn import TrainConfig
 
@@ -56,7 +58,7 @@ __all__ = [
 ]
 
 FULL, PROBE = "full", "probe"
-_TOP = ("model", "data", "method", "train", "output")
+_TOP = ("plugins", "model", "data", "method", "train", "output")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +133,10 @@ def parse_run_config(raw: Any, source: str = "config") -> RunConfig:
     unknown = sorted(map(str, set(raw) - set(_TOP)))
     if unknown:
         raise ShiftkitError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_TOP)}")
+    plugins = raw.get("plugins") or []
+    if isinstance(plugins, str) or not isinstance(plugins, list):
+        raise ShiftkitError(f"{source}: plugins is a list of module names, got {plugins!r}")
+    load_plugins(plugins)  # a user's module registers its own learnable methods first
     model = raw.get("model", "minilm")
     if not isinstance(model, str) or not model:
         raise ShiftkitError(f"{source}: model must be a zoo name or 'package.module:function', got {model!r}")
