@@ -59,6 +59,7 @@ _API: dict[str, str] = {
     "register_merge_method": "shiftkit.merging.registry",
     "get_merge_method": "shiftkit.merging.registry",
     "MergeSpec": "shiftkit.merging.registry",
+    "list_compress_methods": "shiftkit.compression.registry",
     "merge_recipe": "shiftkit.merging.stream.runner",
     "MergeSummary": "shiftkit.merging.stream.runner",
     "merge_lora": "shiftkit.merging.lowrank",
@@ -83,6 +84,9 @@ _API: dict[str, str] = {
     "AssetNotFoundError": "shiftkit.errors",
 }
 
+#: public names whose object has another name in its module
+_ALIASES = {"list_compress_methods": "list_methods"}
+
 __all__ = ["__version__", *sorted(_API)]
 
 
@@ -90,7 +94,7 @@ def __getattr__(name: str) -> Any:
     module_name = _API.get(name)
     if module_name is None:
         raise AttributeError(f"module 'shiftkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
+    value = getattr(importlib.import_module(module_name), _ALIASES.get(name, name))
     globals()[name] = value
     return value
 
@@ -100,6 +104,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from shiftkit.compression.registry import list_methods as list_compress_methods
     from shiftkit.core.attach import (
         attach_,
         detach_,

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 import shiftkit as sk
-from shiftkit.recipes.learn_run import build_model, load_run_config, method_config, parse_run_config
 from shiftkit.recipes.learn import (
     EncodedTexts,
     TrainConfig,
@@ -23,6 +22,7 @@ from shiftkit.recipes.learn import (
     text_batches,
     train,
 )
+from shiftkit.recipes.learn_run import build_model, load_run_config, method_config, parse_run_config
 from shiftkit.recipes.models import TextClassifier, mean_pool
 
 ROOT = Path(__file__).resolve().parents[2]

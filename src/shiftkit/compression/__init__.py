@@ -1,1 +1,18 @@
-"""shiftkit.compression (see DESIGN.md section 2)."""
+"""shiftkit.compression: store and ship shifts small (ComPEFT, binary-coding quantisation, hashed sharing,
+early pruning), one file per compressor, each registered by one decorator
+(:mod:`~shiftkit.compression.registry`).
+
+Importing this package registers the built-in compressors (none yet: the compression issue adds them).
+"""
+
+from __future__ import annotations
+
+from shiftkit.compression.registry import (
+    COMPRESS_METHODS,
+    CompressSpec,
+    get_method,
+    list_methods,
+    register_method,
+)
+
+__all__ = ["COMPRESS_METHODS", "CompressSpec", "get_method", "list_methods", "register_method"]

@@ -1,6 +1,6 @@
 """shiftkit.recipes (see DESIGN.md section 2).
 
-Public names load lazily (PEP 562): ``import shiftkit.recipes.learn_run`` (the CLI) does not pull in torch.
+Public names load lazily (PEP 562): ``import shiftkit.recipes`` alone does not pull in torch.
 """
 
 from __future__ import annotations
