@@ -151,7 +151,14 @@ def test_suite_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         [*sizes_args, "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]
     )
     sizes = dict(suite.SIZES["quick"])
-    suite.SIZES["quick"] = {**sizes, "n_train": 256, "fisher_images": 20, "corruptions": ("fog", "contrast")}
+    suite.SIZES["quick"] = {
+        **sizes,
+        "n_train": 256,
+        "mnist_n_train": 256,
+        "digits_n": 300,
+        "fisher_images": 20,
+        "corruptions": ("fog", "contrast"),
+    }
     try:
         assert suite.run(args) == 0
     finally:
@@ -168,6 +175,6 @@ def test_suite_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     # the source model never adapts: its error cannot depend on the stream order
     src = [payload["results"][s]["source"]["mean_error"] for s in ("episodic", "continual", "correlated")]
     assert src[0] == src[1] == src[2]
-    assert payload["digits"]["results"]["source"]["counts"] == {"digits": 1797}
+    assert payload["digits"]["results"]["source"]["counts"] == {"digits": 300}
     assert list((tmp_path / "cache" / "tta-fmnist-c").glob("*.safetensors"))
     assert (out / "report.html").exists()

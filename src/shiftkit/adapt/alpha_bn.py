@@ -8,9 +8,9 @@ where ``μ_B`` and the biased ``σ²_B`` are the current batch's per-channel sta
 target_weight`` is the weight of the test statistics**: ``a = 0`` is the source model, ``a = 1`` is
 ``norm`` (BN-1). No gradients, nothing accumulates between batches.
 
-Direction of the weight (spec §6.2, pitfall §7.8): robusta's ``AlphaBatchNorm`` and mariodoebler's
+Direction of the weight (the references disagree): robusta's ``AlphaBatchNorm`` and mariodoebler's
 ``BN.ALPHA`` weight the *test* statistics (default 0.1), which is what ``target_weight`` means here; the
-α-BN paper's α is read by our spec as the weight of the *source* statistics, i.e. ``target_weight = 1 − α``
+α-BN paper's α is read by us as the weight of the *source* statistics, i.e. ``target_weight = 1 − α``
 (we could not check the paper's PDF, hence the explicit name). TTAB's ``bn_adapt`` prior N/(N+n) on the
 source statistics (Schneider et al.) is ``target_weight = n / (N + n)`` for batch size n.
 

@@ -9,7 +9,7 @@ The model is adapted *in place* (as the TENT reference does; no copy of a possib
 :meth:`TTAMethod.reset` restores the adapted parameters, every buffer and the optimizer state bit for bit.
 
 Reference: Wang et al., "Tent: Fully Test-Time Adaptation by Entropy Minimization", ICLR 2021,
-https://arxiv.org/abs/2006.10726 (protocol §6.1 of the shiftkit adapt spec).
+https://arxiv.org/abs/2006.10726 (the online protocol of the TENT, EATA and SAR reference code).
 """
 
 from __future__ import annotations

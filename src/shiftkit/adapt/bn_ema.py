@@ -16,7 +16,7 @@ input is normalised by *batch* statistics, updates the running buffers; an eval-
 first layer's statistics agree, deeper ones differ slightly. We keep one pass: half the cost, and the
 statistics each layer tracks are those of the inputs it actually receives at prediction time.
 
-Defaults (spec §6.13 marks OSUDA's constants as unverified; we could not read the paper's values):
+Defaults (OSUDA's constants are only in the paper, and we could not read the paper's values):
 ``momentum=0.1`` (PyTorch's BN momentum and mariodoebler's BNEMA), ``tau=100`` batches (after about
 300 batches the statistics are nearly frozen), ``min_momentum=0.01`` so a long deployment still follows a
 slow drift instead of freezing for ever. A channel with a single value in the batch is not updated.

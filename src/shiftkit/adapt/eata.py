@@ -20,7 +20,7 @@ counters that :meth:`reset` does not clear (episodic mode resets before every ba
 computed once at construction, under the test-time configuration (BatchNorm on batch statistics), as the
 average over the ``fisher_data`` batches of the *squared batch gradient* of the cross-entropy with the
 model's own argmax pseudo-labels, and ``θ⁰`` is the source value of the adapted parameters — exactly what
-both references do (spec pitfall §7.5: this is not the per-sample empirical Fisher). Without
+both references do (note: this is not the per-sample empirical Fisher). Without
 ``fisher_data`` the method is ETA (``fisher_alpha`` unused).
 
 Defaults are the CIFAR configuration of mariodoebler: ``d_margin = 0.4``, ``fisher_alpha = 1`` (ImageNet:

@@ -1,10 +1,10 @@
 """Run a test-time adaptation method over a stream and score it the way the anchors do.
 
-Online protocol (spec §6.1): for every batch the method predicts *and then* adapts; the prediction made
-for a sample is the one scored (no second look after the update). The adaptation state is reset whenever
-the stream says so (``StreamBatch.reset``: every domain start for the ``episodic`` stream, only the start
-for ``continual``). Error % = 100·(1 − accuracy) per domain; ``mean_error`` is the mean over domains (the
-anchors' "mean" column) and ``overall_error`` is over all samples.
+Online protocol (as the TENT, EATA and SAR references): for every batch the method predicts *and then* adapts;
+the prediction made for a sample is the one scored (no second look after the update). The adaptation state is
+reset whenever the stream says so (``StreamBatch.reset``: every domain start for the ``episodic`` stream, only
+the start for ``continual``). Error % = 100·(1 − accuracy) per domain; ``mean_error`` is the mean over domains
+(the anchors' "mean" column) and ``overall_error`` is over all samples.
 
 Example:
     >>> from shiftkit import adapt

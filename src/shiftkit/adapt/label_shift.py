@@ -20,7 +20,7 @@ identity correction. ``momentum=0`` is plain per-batch Saerens EM. The outputs a
 Composable: ``p`` are the outputs of any registered method (``source``, ``norm``, ``tent``, ``lame``, ...)
 passed through a softmax (correct for logits and for LAME's log-probabilities alike).
 
-This replaces the spec's trained "label shift adapter" (Park et al., ICCV'23, §6.12: a hypernetwork
+This replaces the trained "label shift adapter" of Park, Yang, Choo & Yun (ICCV'23: a hypernetwork
 trained on the source under resampled priors, no public code) by the training-free EM estimate: nothing
 is learned before deployment. After each batch π̂ is mixed with 0.1 % of π_s so that no class's prior
 collapses to 0 while it is absent from a label-correlated stream.

@@ -18,11 +18,13 @@ run for at most ``max_iter`` iterations and stopped (iteration index > 1) when
 excluded), ``rbf`` (``exp(−‖z_i − z_j‖² / 2σ²)``, σ = mean distance to the k-th nearest point counting the
 point itself, diagonal 1) and ``linear`` (``Z Zᵀ``).
 
-LAME helps on label-correlated batches (few classes per batch: neighbours share a label) and *harms*
-i.i.d. class-balanced batches (CIFAR10-C continual error 64.3 % vs 43.5 % for the source model, spec §4.1).
+LAME helps on label-correlated batches (few classes per batch: neighbours share a label) and *harms* i.i.d.
+class-balanced batches (CIFAR10-C continual error 64.3 % vs 43.5 % for the source model,
+mariodoebler/test-time-adaptation ``benchmark.md``).
 
-Reference: Boudiaf, Mueller, Ben Ayed, Bertinetto, "Parameter-free Online Test-time Adaptation",
-CVPR 2022, https://arxiv.org/abs/2201.05718 (implemented from shiftkit's spec §6.8 and the paper only).
+Reference: Boudiaf, Mueller, Ben Ayed, Bertinetto, "Parameter-free Online Test-time Adaptation", CVPR 2022,
+https://arxiv.org/abs/2201.05718 (implemented from the paper and a written description of fiveai/LAME only:
+its code is CC BY-NC-SA).
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ def lame_affinity(z: Tensor, kind: str = "rbf", k: int = 5, *, force_symmetry: b
     """The LAME affinity matrix of a batch of (already L2-normalised) features.
 
     ``knn``: ``W_ij = 1`` if j is among the ``min(k, N − 1)`` nearest neighbours of i (Euclidean, i itself
-    excluded), else 0 — not symmetric. ``rbf``: ``W_ij = exp(−‖z_i − z_j‖² / (2σ²))`` with σ the mean over
-    i of the distance to i's ``min(k, N)``-th nearest point *counting i itself* (so the (k−1)-th neighbour,
-    as the reference does; spec §6.8); the diagonal is 1. σ = 0 (``k = 1``, or duplicate points) gives the
-    σ → 0 limit ``W_ij = [z_i = z_j]`` instead of NaN. ``linear``: ``W = Z Zᵀ`` (cosine similarities).
-    ``force_symmetry`` returns ``(W + Wᵀ)/2``. A ``k`` larger than the batch is clamped, never an error.
+    excluded), else 0 — not symmetric. ``rbf``: ``W_ij = exp(−‖z_i − z_j‖² / (2σ²))`` with σ the mean over i
+    of the distance to i's ``min(k, N)``-th nearest point *counting i itself* (so the (k−1)-th neighbour, as
+    the reference fiveai/LAME ``src/adaptation/lame.py`` does); the diagonal is 1. σ = 0 (``k = 1``, or
+    duplicate points) gives the σ → 0 limit ``W_ij = [z_i = z_j]`` instead of NaN. ``linear``: ``W = Z Zᵀ``
+    (cosine similarities). ``force_symmetry`` returns ``(W + Wᵀ)/2``. A ``k`` larger than the batch is
+    clamped, never an error.
 
     Args:
         z: ``(N, D)`` features, L2-normalised per row.
@@ -112,10 +115,10 @@ def lame_affinity(z: Tensor, kind: str = "rbf", k: int = 5, *, force_symmetry: b
 def lame_energy(y: Tensor, p: Tensor, w: Tensor, lam: float = 1.0) -> Tensor:
     """The LAME objective ``Σ(unary·Y − λ (WY)·Y + Y·log clip(Y, 1e-20))``, ``unary = −log(p + 1e-10)``.
 
-    This is the energy the solver's stopping test watches (spec §6.8). For a symmetric W the update
+    This is the energy the solver's stopping test watches (as in fiveai/LAME). For a symmetric W the update
     ``Y ← softmax(log p + λWY)`` is the concave-convex step of the same expression with λ/2 in place of λ
-    (``lame_energy(y, p, w, lam / 2)``), which therefore never increases when W is also positive
-    semi-definite (``rbf``, ``linear``); the λ version usually decreases too but is not guaranteed to.
+    (``lame_energy(y, p, w, lam / 2)``), which therefore never increases when W is also positive semi-definite
+    (``rbf``, ``linear``); the λ version usually decreases too but is not guaranteed to.
 
     Args:
         y: ``(N, K)`` assignments (rows on the simplex).
@@ -182,7 +185,8 @@ class Lame(TTAMethod):
     ``softmax(outputs) == exp(outputs) == Y``. A batch of one sample returns ``log p`` (nothing to propagate).
 
     Use it on label-correlated streams (batches holding few classes); on i.i.d. class-balanced batches it is
-    known to hurt badly (spec §4.1: 64.3 % vs 43.5 % error), so measure against ``source`` first.
+    known to hurt badly (CIFAR10-C in mariodoebler's ``benchmark.md``: 64.3 % vs 43.5 % error), so measure
+    against ``source`` first.
 
     Args:
         model: a classifier ``(N, ...) -> (N, K)`` (frozen, not modified; a hook is registered on it).
@@ -293,7 +297,7 @@ class Lame(TTAMethod):
                 f"adapt method 'lame': the input of {self.feature_module!r} has shape {tuple(z.shape)}, "
                 f"expected a first dimension of {n} (one feature vector per sample)"
             )
-        # Solve in float64: the spec's 1e-8 relative stopping test is below float32 resolution (it would
+        # Solve in float64: the reference's 1e-8 relative stopping test is below float32 resolution (it would
         # stop on rounding noise, or never); the N×N problem is small. MPS has no float64: float32 there.
         dtype = torch.float32 if outputs.device.type == "mps" else torch.float64
         log_p = outputs.to(dtype).log_softmax(1)

@@ -4,11 +4,11 @@ Every BatchNorm layer normalises with the current test batch's statistics instea
 ones: ``y = γ (x − μ_B) / sqrt(σ²_B + ε) + β`` with ``μ_B`` and the biased ``σ²_B`` computed per channel
 over the batch (and spatial) dimensions. No gradients; γ, β and the running buffers are unchanged.
 
-Choices (spec §6.2): the rest of the model stays in eval mode (dropout off, like mariodoebler ``BNTest``);
-running buffers are not updated (they are unused, and untouched buffers make
-``reset`` trivial); a channel with a single value in the batch (batch size 1, no spatial extent) falls
-back to the source statistics instead of raising or producing NaN. LayerNorm/GroupNorm already normalise
-per sample, so ``norm`` needs BatchNorm layers and raises :class:`~shiftkit.errors.ShiftkitError` without.
+Choices (reference: tent ``norm.py``): the rest of the model stays in eval mode (dropout off, like
+mariodoebler ``BNTest``); running buffers are not updated (they are unused, and untouched buffers make
+``reset`` trivial); a channel with a single value in the batch (batch size 1, no spatial extent) falls back to
+the source statistics instead of raising or producing NaN. LayerNorm/GroupNorm already normalise per sample,
+so ``norm`` needs BatchNorm layers and raises :class:`~shiftkit.errors.ShiftkitError` without.
 
 References: Schneider et al., NeurIPS 2020, https://arxiv.org/abs/2006.16971; Li et al. (AdaBN),
 https://arxiv.org/abs/1603.04779.

@@ -64,7 +64,7 @@ def batch_norms(model: nn.Module, method: str) -> list[tuple[str, _BatchNorm]]:
 
 #: Weight of the test statistics used when a batch holds a single sample (batch size 1): one image is too
 #: little to estimate a channel's statistics, so they are mixed with the source ones as robusta/mariodoebler
-#: ``BNAlpha`` does at batch size 1 (test weight 0.1; spec §6.2).
+#: ``BNAlpha`` does at batch size 1 (test weight 0.1 in its CIFAR/ImageNet configs).
 SINGLE_SAMPLE_TARGET_WEIGHT = 0.1
 
 

@@ -1,1 +1,1 @@
-"""shiftkit.bench (see DESIGN.md section 2)."""
+"""shiftkit.bench: benchmark suites and the report; it composes, owns no components."""

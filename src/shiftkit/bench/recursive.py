@@ -47,7 +47,7 @@ class RecursiveSettings:
     Attributes:
         num_loops: N; 30 layers / 2 = 15 shared blocks, the mildest tying of the paper.
         sharing: ``"cycle"`` or ``"sequence"``.
-        init: ``"average"``: the init the spec recommends for relaxed (LoRA) models.
+        init: ``"average"``: the init recommended for relaxed (LoRA) models (Bae et al., ICLR 2025).
         r: LoRA rank per layer and projection. 64 (hidden 576) keeps a 25 % parameter reduction; rank 128
             would halve it (12 %) for residuals that are still far from captured (layers of this model are
             nearly uncorrelated: the tying residual holds half the weights' energy, rank 64 a third of it).

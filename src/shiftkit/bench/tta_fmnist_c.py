@@ -226,7 +226,7 @@ def run_suite(
         mnist_source, mn_info = source_model(mn_settings, cache_root, progress, say)
         dx, dy = digits_images()
         g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(dy), generator=g)
+        perm = torch.randperm(len(dy), generator=g)[: settings.get("digits_n")]  # None: all 1,797
         dstream = st.continual({"digits": (dx[perm], dy[perm])}, bs)
         mx = load_dataset("mnist5k")[0]  # ordered by class: take a random 500 for the Fisher estimate
         mn_fisher = list(

@@ -23,12 +23,15 @@ config (unknown keys are an error):
   data: {name: vader, domain: tweets, n_train: 400, n_test: 200, threshold: 0.5, eval_domains: all}
   method: {name: lora, r: 8, lora_alpha: 16, target_modules: [query, value]}   # or ssf, bitfit, full, probe
   train: {epochs: 2, lr: 5.0e-4, batch_size: 16, seed: 0}   # also weight_decay, warmup_ratio,
-                                  # grad_clip, eval_every, max_length
+                                  # grad_clip, eval_every, max_length, parallel (ddp | fsdp)
   output: runs/learn/tweets-lora
+  plugins: [my_project.methods]   # optional: modules that register methods of your own
 
 examples:
   shiftkit learn examples/learn_vader_lora.yaml
   shiftkit learn examples/learn_vader_lora.yaml --output runs/my-lora --json runs/my-lora.json
+  torchrun --nproc_per_node 2 -m shiftkit learn examples/learn_vader_lora.yaml   # 2 processes (DDP)
+      # with train: {parallel: fsdp} the base is sharded over the processes (FSDP2); rank 0 writes the files
 """
 
 
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if not output:
         raise ShiftkitError(f"{args.config}: no output folder; set 'output:' in the config or pass --output")
     result = run_learn(config, progress=False if args.no_progress else None)
+    if not result.is_main:  # another rank of a torchrun launch: rank 0 writes and prints
+        return 0
 
     import shiftkit as sk
 

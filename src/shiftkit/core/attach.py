@@ -289,14 +289,23 @@ def shift_parameters(model: nn.Module) -> list[nn.Parameter]:
 def extract(model: nn.Module) -> Shift:
     """The attached shift as a :class:`Shift` value (tensors copied; no reference to the model).
 
+    On a model sharded over several processes (FSDP2) the shift's tensors are gathered whole, so every rank
+    must call it (rank 0 then saves).
+
     Example:
         >>> shift = sk.extract(model)
         >>> sk.save(shift, "lora.safetensors")
     """
     st, wrappers = _require_attached(model, "extract")
-    tensors = {k: p.detach().clone() for k, p in _named_shift_tensors(model).items()}
+    tensors = {k: _full(p.detach()).clone() for k, p in _named_shift_tensors(model).items()}
     base = {fqn: module_shape(w.base) for fqn, w in wrappers}
     return Shift(st["method"], st["config"], tensors, base)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter sharded over processes (FSDP2's DTensor; a collective), else ``t``."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:

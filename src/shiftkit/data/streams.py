@@ -1,11 +1,13 @@
-"""Test streams for online test-time adaptation, independent of any method (spec §6.1, §6.17).
+"""Test streams for online test-time adaptation, independent of any method.
+
+The settings and the online protocol are those of the mariodoebler/test-time-adaptation benchmark.
 
 A :class:`Stream` is an immutable, re-iterable description of the order in which test samples reach a
 method, cut into :class:`StreamBatch` es that carry a ``reset`` flag (the protocol restores the adaptation
 state before that batch). Domains are given as tensors ``name -> (x, y)``; dict order is stream order.
 
-* ``episodic``: domains in order, reset at the first batch of every domain (the spec's
-  ``reset_each_shift``; it needs domain labels, so it is an oracle setting). The spec's *episodic*
+* ``episodic``: domains in order, reset at the first batch of every domain (mariodoebler's
+  ``reset_each_shift``; it needs domain labels, so it is an oracle setting). The TENT code's *episodic*
   (reset before every batch) is a method option (``episodic=True`` of the adapt methods), not a stream.
 * ``continual``: domains in order, reset only before the very first batch.
 * ``gradual``: per domain, its severities ``1, 2, 3, 4, 5, 4, 3, 2, 1`` (CoTTA), samples labelled
@@ -156,7 +158,7 @@ class Stream:
         return tuple(seen)
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able record of the setting, for result files (spec §8 "every result record carries").
+        """A JSON-able record of the setting, for result files (every result record carries its setting).
 
         Returns:
             ``kind``, ``reset_policy`` (``"reset_each_shift"`` or ``"continual"``), ``batch_size``,

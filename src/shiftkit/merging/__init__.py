@@ -1,4 +1,4 @@
-"""shiftkit.merging: combine shifts into one, or route between them (see DESIGN.md section 2).
+"""shiftkit.merging: combine shifts into one, or route between them.
 
 * ``sk.merge(shifts, method=..., weights=..., **params)`` (:mod:`~shiftkit.merging.in_memory`): one file per
   method, each registering a :class:`~shiftkit.merging.registry.MergeSpec` — ``linear`` (soups),

@@ -18,7 +18,7 @@ __all__ = [
     "ties_disjoint_merge",
 ]
 
-#: TIES reference semantics (spec §1.2): mergekit, the original paper code, peft
+#: TIES reference semantics: mergekit, the original paper code (prateeky2806/ties-merging), peft
 SEMANTICS = ("mergekit", "paper", "peft")
 
 #: sign-election rules: "sum" (peft "total", TIES "mass") or "count" (peft "frequency")
@@ -28,7 +28,8 @@ CONSENSUS = {"sum": "sum", "total": "sum", "count": "count", "frequency": "count
 def elect_sign(stack: Tensor, consensus: str) -> Tensor:
     """Elected sign per coordinate of a ``(T, ...)`` stack: ``sgn(Σ_t x_t)`` or ``sgn(Σ_t sgn(x_t))``.
 
-    A coordinate whose vote is exactly 0 gets 0 here; callers resolve it (spec §0.7).
+    A coordinate whose vote is exactly 0 gets 0 here; callers resolve it (``zero_sign``: +1 as peft/mergekit,
+    or the global majority sign).
 
     Args:
         stack: ``(T, *shape)`` float tensor.
@@ -51,8 +52,9 @@ def elect_sign(stack: Tensor, consensus: str) -> Tensor:
 def elected_sign_sum(stack: Tensor, weights: list[float], *, semantics: str, consensus: str) -> Tensor:
     """Sum of the elected signs ``Σ_p γ_p`` of one tensor's pruned ``(T, ...)`` stack, as float64.
 
-    Summed over every tensor it gives the TIES "global majority" sign (spec §0.7); the same per-tensor
-    term that :func:`ties_disjoint_merge` adds up, so a streaming pass reproduces it exactly.
+    Summed over every tensor it gives the TIES "global majority" sign (what the original TIES code gives a 0
+    vote); the same per-tensor term that :func:`ties_disjoint_merge` adds up, so a streaming pass reproduces
+    it exactly.
 
     Example:
         >>> elected_sign_sum(torch.tensor([[1.0, -2.0], [-3.0, 1.0]]), [1, 1], semantics="paper",
@@ -74,7 +76,7 @@ def ties_disjoint_merge(
     zero_sign: str,
     global_sign: float | None = None,
 ) -> dict[str, Tensor]:
-    """Elect a sign per coordinate and average the agreeing entries of already-pruned shifts (spec §1.2).
+    """Elect a sign per coordinate and average the agreeing entries of already-pruned shifts (Yadav et al.).
 
     * ``"mergekit"``: vote on the weighted ``u_t = w_t τ̂_t``; ``Σ_t m_t u_t``, divided by ``Σ_t m_t w_t``
       (zeros → 1) when ``normalize``.

@@ -1,10 +1,10 @@
-"""DARE — Drop And REscale (Yu et al., https://arxiv.org/abs/2311.03099; spec §1.3).
+"""DARE — Drop And REscale (Yu et al., https://arxiv.org/abs/2311.03099; code yule-BUAA/MergeLM).
 
 Each shift tensor keeps each entry with probability ``density = 1 − p`` and rescales the survivors:
 ``rescale="l1"`` (default, mergekit since 2024) ``τ̃ = (m ⊙ τ)·‖τ‖₁/‖m ⊙ τ‖₁``; ``rescale="inverse"``
 (paper, peft) ``τ̃ = m ⊙ τ / (1 − p)``. Then ``dare_linear`` = task arithmetic on the ``τ̃``,
 ``dare_ties`` = TIES sign election + disjoint merge on the ``τ̃`` (mergekit: no weight normalisation;
-peft: count-normalised). Masks are drawn per tensor from ``(seed, tensor name, shift index)`` (spec §0.8), so
+peft: count-normalised). Masks are drawn per tensor from ``(seed, tensor name, shift index)``, so
 results do not depend on key order. ``density = 0`` gives zeros, ``density >= 1`` no drop.
 """
 

@@ -4,7 +4,7 @@ Every method works in shift space: given ``τ_t = θ_t − θ0`` it returns a me
 ``θ = θ0 + τ`` (apply it with ``sk.apply_``). A shift whose method defines its weight changes alone (LoRA:
 ``ΔW = s·B A``, the method's dense hook) is turned into its exact dense delta first; other methods must be
 converted with ``sk.to_delta(model)`` on a model they are attached to.
-Inputs are aligned per spec §0.3 (``on_missing=``):
+Inputs are aligned by a key policy (``on_missing=``):
 
 * ``"error"`` (default): the same keys, shapes and dtypes in every shift, or :class:`ShiftMismatchError`;
 * ``"zero"``: a missing tensor is an all-zero shift (right for sums and TIES, wrong for averages);
@@ -13,8 +13,8 @@ Inputs are aligned per spec §0.3 (``on_missing=``):
   (``Σ w``, counts) covers the participants only — a soup of two where one lacks ``k`` gives the other's
   ``k``. Methods needing whole-model statistics (paper-TIES, PCB) refuse ``"skip"`` when groups differ.
 
-Arithmetic runs in float32 and the result is cast back to the inputs' dtype (spec §0.4).
-Non-floating tensors carry no shift and are left out (spec §0.2).
+Arithmetic runs in float32 and the result is cast back to the inputs' dtype (never in bf16/fp16).
+Non-floating tensors carry no shift and are left out (as the Ilharco task-vector code skips integer buffers).
 References: task arithmetic https://arxiv.org/abs/2212.04089, TIES https://arxiv.org/abs/2306.01708,
 DARE https://arxiv.org/abs/2311.03099, soups https://arxiv.org/abs/2203.05482.
 """
@@ -112,7 +112,7 @@ def _common_aliases(shifts: Sequence[Shift], keys: list[str]) -> dict[str, str]:
 
 
 def _tensor_local(spec: MergeSpec, weights: list[float], params: dict[str, Any]) -> bool:
-    """True if merged tensor ``k`` depends on the inputs' tensors ``k`` only (spec §0.5)."""
+    """True if merged tensor ``k`` depends on the inputs' tensors ``k`` only (*tensor-local*)."""
     if spec.multipass is None:
         return True
     try:

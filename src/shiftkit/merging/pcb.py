@@ -1,6 +1,7 @@
 """PCB-Merging — Parameter Competition Balancing (Du et al., NeurIPS 2024, https://arxiv.org/abs/2410.02396).
 
-Spec §2. On the ``n × d`` matrix ``T`` of flattened shifts (rows = tasks, sorted keys):
+Reference code duguodong7/pcb-merging (``pcb-merging.py``). On the ``n × d`` matrix ``T`` of flattened shifts
+(rows = tasks, sorted keys):
 
 1. ``A = qclamp(|T|; c, c)``, ``C = sgn(T) ⊙ A`` where ``qclamp`` clamps each row to its sorted values
    ``[s[⌊d·c⌋], s[⌊d(1−c) − 1⌋]]``;
@@ -159,7 +160,7 @@ def pcb(
     lambdas: Sequence[float] | None = None,
     scope: str = "global",
 ) -> dict[str, Tensor]:
-    """PCB merge of aligned shifts (spec §2; see the module docstring for the formulas).
+    """PCB merge of aligned shifts (Du et al., NeurIPS 2024; see the module docstring for the formulas).
 
     Args:
         tensors: n aligned float32 tensor dicts (any shapes, equal across tasks).
@@ -188,7 +189,7 @@ def pcb(
 
 
 class PCBPasses:
-    """Multi-pass computation of :func:`pcb` with ``scope="global"`` (spec §2.5).
+    """Multi-pass computation of :func:`pcb` with ``scope="global"`` (streamed: never the ``n × d`` matrix).
 
     Passes 0–3: per-task bounds ``s[⌊dc⌋]``, ``s[⌊d(1−c)−1⌋]`` of ``|τ_i|`` (exact selector; min/max of
     ``A`` follow from them); passes 4–7: ``β`` per tensor (tensor-local given those bounds) and its
@@ -285,7 +286,7 @@ def search_pcb_coefficients(
     seed: int = 0,
     **pcb_params: object,
 ) -> tuple[list[float], float]:
-    """Search per-task PCB coefficients ``λ_i`` maximising ``evaluate(merged)`` (spec §2.3, optional stage).
+    """Search per-task PCB coefficients ``λ_i`` maximising ``evaluate(merged)`` (optional ES stage).
 
     Replaces the reference's nevergrad ``NGOpt`` (no extra dependency) with a seeded (1+1) evolution
     strategy: start at ``λ = 1`` (clipped to ``bounds``), Gaussian steps ``σ·N(0, I)`` clipped to the box,

@@ -1,4 +1,4 @@
-"""SLERP of two shifts (mergekit ``slerp`` math, spec §1.5), per tensor as one flattened vector.
+"""SLERP of two shifts (mergekit ``merge_methods/slerp.py`` math), per tensor as one flattened vector.
 
 ``v̂ = v/‖v‖`` (left as is when ‖v‖ ≤ 1e-8), ``c = ⟨v̂0, v̂1⟩``; if ``|c| > 0.9995`` return the lerp
 ``(1−t) v0 + t v1``; else ``Ω = arccos c`` and ``sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1`` on the

@@ -29,9 +29,9 @@ __all__ = [
 def topk_magnitude(x: Tensor, density: float, min_keep: int = 0) -> Tensor:
     """Keep exactly ``k = max(min_keep, ⌊density·numel⌋)`` largest-|x| entries of ``x``, zero the rest.
 
-    Ties are broken by flattened index (stable, spec §0.6 ``"exact_k"``): the result equals keeping the
-    first ``k`` entries of ``argsort(|x|, descending=True, stable=True)``, computed faster with
-    :func:`topk_mask`. ``density >= 1`` returns ``x`` unchanged and ``k = 0`` returns zeros.
+    Ties are broken by flattened index (stable ``"exact_k"``; peft/mergekit break them arbitrarily): the
+    result equals keeping the first ``k`` entries of ``argsort(|x|, descending=True, stable=True)``, computed
+    faster with :func:`topk_mask`. ``density >= 1`` returns ``x`` unchanged and ``k = 0`` returns zeros.
 
     Args:
         x: any-shape float tensor.
@@ -57,7 +57,7 @@ def topk_magnitude(x: Tensor, density: float, min_keep: int = 0) -> Tensor:
 
 
 def key_seed(seed: int, key: str, index: int) -> int:
-    """A 63-bit seed from ``(seed, tensor name, shift index)`` (spec §0.8: independent of streaming order).
+    """A 63-bit seed from ``(seed, tensor name, shift index)`` (so masks do not depend on streaming order).
 
     Example:
         >>> key_seed(0, "fc.weight", 1) == key_seed(0, "fc.weight", 1)
@@ -80,7 +80,7 @@ def dare_keep_mask(shape: Sequence[int], density: float, seed: int) -> Tensor:
 
 
 def dare_rescale(x: Tensor, keep: Tensor, density: float, rescale: str) -> Tensor:
-    """Drop entries where ``keep`` is False and rescale the rest (spec §1.3).
+    """Drop entries where ``keep`` is False and rescale the rest (DARE, Yu et al. 2023).
 
     ``"inverse"``: ``keep ⊙ x / density`` (the paper's 1/(1−p)); ``"l1"``: ``(keep ⊙ x)·‖x‖₁/‖keep ⊙ x‖₁``
     (mergekit since 2024; skipped when either norm < 1e-7); ``"none"``: no rescale.

@@ -1,4 +1,4 @@
-"""Task arithmetic (Ilharco et al., https://arxiv.org/abs/2212.04089; spec §1.1).
+"""Task arithmetic (Ilharco et al., https://arxiv.org/abs/2212.04089; mlfoundations/task_vectors).
 
 ``τ = λ · Σ_t w_t τ_t``; with ``normalize=True`` the sum is divided by ``Σ_t w_t`` (mergekit; a sum with
 ``|Σw| < 1e-8`` is divided by 1). Negation (forgetting a task) is a negative weight or ``lambda_ < 0``.

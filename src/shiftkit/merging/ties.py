@@ -1,4 +1,6 @@
-"""TIES-merging: trim, elect sign, disjoint merge (Yadav et al., https://arxiv.org/abs/2306.01708; spec §1.2).
+"""TIES-merging: trim, elect sign, disjoint merge (Yadav et al., https://arxiv.org/abs/2306.01708).
+
+Reference code: prateeky2806/ties-merging (the paper's), peft ``merge_utils.py``, mergekit ``ties``.
 
 1. Trim each shift to its largest-magnitude entries (fraction ``density``).
 2. Elect a sign per coordinate ``γ = sgn(Σ_t τ̂_t)``.
@@ -42,7 +44,7 @@ def _paper_rank(d: int, density: float) -> int:
 
 
 def paper_trim(task: dict[str, Tensor], density: float) -> dict[str, Tensor]:
-    """Global trim of one task's shift as in the original TIES code (spec §1.2(a)).
+    """Global trim of one task's shift as in the original TIES code (prateeky2806/ties-merging).
 
     Args:
         task: float32 tensors of one shift (any shapes).

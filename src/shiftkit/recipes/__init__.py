@@ -1,4 +1,4 @@
-"""shiftkit.recipes (see DESIGN.md section 2).
+"""shiftkit.recipes: explicit training / evaluation loops (no Trainer class).
 
 Public names load lazily (PEP 562): ``import shiftkit.recipes`` alone does not pull in torch.
 """

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from shiftkit.core.attach import regularization_loss
 from shiftkit.errors import ShiftkitError
+from shiftkit.recipes.distributed import PARALLEL, Dist, local_rows
 
 __all__ = [
     "Batches",
@@ -68,6 +69,9 @@ class TrainConfig:
         eval_every: evaluate every this many steps (``0``: only at the end).
         seed: seeds the global RNG at the start of :func:`train` (shuffling, dropout, head init).
         max_length: tokens kept per text (longer texts are truncated).
+        parallel: how ``torchrun`` ranks share the model (:mod:`shiftkit.recipes.distributed`): ``"ddp"``
+            (each holds it whole) or ``"fsdp"`` (FSDP2: every parameter sharded across them). Without
+            ``torchrun`` it has no effect.
     """
 
     epochs: int = 3
@@ -79,6 +83,7 @@ class TrainConfig:
     eval_every: int = 0
     seed: int = 0
     max_length: int = 64
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         checks = {
@@ -90,6 +95,7 @@ class TrainConfig:
             "grad_clip": self.grad_clip >= 0,
             "eval_every": self.eval_every >= 0,
             "max_length": self.max_length >= 2,
+            "parallel": self.parallel in PARALLEL,
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
@@ -269,6 +275,7 @@ def train(
     *,
     progress: bool | None = None,
     desc: str = "train",
+    dist: Dist | None = None,
 ) -> TrainResult:
     """Train ``params`` of ``model`` on ``train_batches`` with cross-entropy.
 
@@ -286,6 +293,9 @@ def train(
         config: the settings.
         progress: show a tqdm bar with the loss on stderr; ``None`` shows it only on a terminal.
         desc: the bar's label.
+        dist: this process's rank among several (:mod:`shiftkit.recipes.distributed`): each global batch
+            is split row-wise and each rank's loss is its share of the global mean, so the averaged
+            gradients are single-process training's. The logged loss is the global one.
 
     Returns:
         Steps, timing, the loss of every step and the evaluations.
@@ -294,6 +304,7 @@ def train(
         >>> sk.attach_(model, sk.SSFConfig(modules_to_save=("head",)))
         >>> res = train(model, sk.shift_parameters(model), loader, None, TrainConfig(lr=5e-3))
     """
+    dist = dist or Dist()
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ShiftkitError("train: no parameter requires grad; attach a shift or unfreeze parameters first")
@@ -306,7 +317,10 @@ def train(
     warmup = round(config.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total, warmup))
     result = TrainResult()
-    bar = tqdm(total=total, desc=desc, disable=None if progress is None else not progress, leave=False)
+    quiet = (progress is False) or not dist.is_main
+    bar = tqdm(
+        total=total, desc=desc, disable=True if quiet else None if progress is None else False, leave=False
+    )
 
     def evaluate() -> None:
         if eval_fn is None:
@@ -323,10 +337,13 @@ def train(
     try:
         for _ in range(config.epochs):
             for batch in train_batches:
-                inputs = _to(batch, device)
+                mine, n_global = local_rows(batch, dist)  # this rank's rows of the global batch
+                inputs = _to(mine, device)
                 labels = inputs.pop("labels")
-                # plus the shift's own regulariser (PEGO's orthogonality loss; zero for most methods)
-                loss = F.cross_entropy(model(**inputs), labels) + regularization_loss(model)
+                # this rank's share of the global mean (the ranks' gradients are averaged), plus the shift's
+                # own regulariser (PEGO's orthogonality loss; zero for most methods)
+                ce = F.cross_entropy(model(**inputs), labels, reduction="sum") * (dist.world / n_global)
+                loss = ce + regularization_loss(model)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip > 0:
@@ -334,7 +351,7 @@ def train(
                 opt.step()
                 sched.step()
                 result.steps += 1
-                result.losses.append(float(loss.detach()))
+                result.losses.append(_global_loss(loss.detach(), dist))
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
                 if config.eval_every and result.steps % config.eval_every == 0 and result.steps < total:
@@ -347,6 +364,17 @@ def train(
         bar.close()
         model.eval()
     return result
+
+
+def _global_loss(loss: Tensor, dist: Dist) -> float:
+    """The loss of the whole global batch: the mean over the ranks of their shares."""
+    if not dist.active:
+        return float(loss)
+    import torch.distributed as td
+
+    total = loss.clone()
+    td.all_reduce(total)
+    return float(total) / dist.world
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ The config (read with ``yaml.safe_load``; an unknown key anywhere is a :class:`S
       lora_alpha: 16
       target_modules: [query, value]
     train: {epochs: 2, lr: 5.0e-4, batch_size: 16, seed: 0}    # fields of TrainConfig
+    # under torchrun (torchrun --nproc_per_node 2 -m shiftkit learn cfg.yaml) train.parallel picks ddp
+    # (default) or fsdp (FSDP2: the base is sharded over the processes); rank 0 writes the files
     output: runs/learn/tweets-lora # <output>/shift.safetensors and <output>/metrics.json
 
 The method block resolves through the registry (``get_method(name).config_cls``), never through an import
@@ -264,6 +266,7 @@ class LearnResult:
 
     shift: Shift
     metrics: dict[str, Any]
+    is_main: bool = True  # under torchrun: whether this process writes the files (rank 0)
 
 
 def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult:
@@ -280,6 +283,7 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
 
     import shiftkit as sk
     from shiftkit import zoo
+    from shiftkit.recipes.distributed import gather_full, init_from_env, shard_
     from shiftkit.recipes.learn import accuracy, encode_texts, eval_batches, text_batches, train
 
     d, tc = config.data, config.train
@@ -313,34 +317,39 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
     torch.manual_seed(tc.seed)  # some shifts draw their initialisation (LoRA's A, SSF's γ/β)
     if mcfg is not None:
         sk.attach_(model, mcfg)
-        params = sk.shift_parameters(model)
     else:
         for p in model.parameters():
             p.requires_grad_(config.method == FULL)
         if config.method == PROBE:
             for p in model.head.parameters():
                 p.requires_grad_(True)
+    dist = init_from_env()  # several processes under torchrun: DDP or FSDP2 (train.parallel)
+    runner = shard_(model, tc.parallel, dist)  # FSDP2 replaces the parameters: collect them afterwards
+    if mcfg is not None:
+        params = sk.shift_parameters(model)
+    else:
         params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
 
     def eval_fn() -> dict[str, float]:
-        return {"accuracy": accuracy(model, tests[d.domain])}
+        return {"accuracy": accuracy(runner, tests[d.domain])}
 
     start = time.perf_counter()
     res = train(
-        model,
+        runner,
         params,
         text_batches(train_data, tc.batch_size),
         eval_fn,
         tc,
         progress=progress,
         desc=f"learn {config.method}",
+        dist=dist,
     )
-    acc = {dom: accuracy(model, batches) for dom, batches in tests.items()}
+    acc = {dom: accuracy(runner, batches) for dom, batches in tests.items()}
     if mcfg is not None:
-        shift = sk.extract(model)
+        shift = sk.extract(model)  # gathered whole from every rank's shard under FSDP2
     else:
-        tuned = model.state_dict()
+        tuned = gather_full(model.state_dict())
         names = (
             list(base_state) if config.method == FULL else [k for k in base_state if k.startswith("head.")]
         )
@@ -363,5 +372,7 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
         "evals": [{"step": s, **m} for s, m in res.evals],
         "torch_version": torch.__version__,
         "shiftkit_version": sk.__version__,
+        "processes": dist.world,
+        "parallel": tc.parallel if dist.active else None,
     }
-    return LearnResult(shift, metrics)
+    return LearnResult(shift, metrics, is_main=dist.is_main)

@@ -1,7 +1,7 @@
 """Offline datasets as plain numpy arrays and Python lists (no torch, no pandas).
 
-Every loader reads files that a registry package or a Debian package put on disk (see ``ASSETS.md``);
-nothing is downloaded.
+Every loader reads files that a registry package or a Debian package put on disk (``shiftkit zoo list`` shows
+them); nothing is downloaded.
 """
 
 from __future__ import annotations

@@ -40,8 +40,9 @@ ForwardFn = Callable[[Callable[..., Any], Any], Tensor]
 def atlas_partition(key: str, shape: Sequence[int], partitions: int, seed: int) -> Tensor:
     """The fixed random partition of block ``key`` (aTLAS × K): each entry's partition index in ``[0, K)``.
 
-    Keyed by the tensor *name* and ``seed`` (spec §0.8), so every block gets its own partition and a merge
-    can rebuild it without the training run. (The reference code keys it by shape; not reproduced.)
+    Keyed by the tensor *name* and ``seed`` (not by block order or device), so every block gets its own
+    partition and a merge can rebuild it without the training run. (The reference code keys it by shape; not
+    reproduced.)
 
     Args:
         key: tensor name, e.g. ``"fc1.weight"``.
@@ -187,7 +188,7 @@ class AtlasBlocks:
             tvs.append({**tied, **{k: tv.tensors[k] for k in unknown}})
             for k, t in tvs[-1].items():
                 if not t.is_floating_point():
-                    continue  # integer buffers carry no shift (spec §0.2)
+                    continue  # integer buffers carry no shift (only floating tensors do)
                 if k not in own:
                     raise ShiftMismatchError(
                         f"task vector {i} has tensor {k!r} that the model does not; "
@@ -204,8 +205,8 @@ class AtlasBlocks:
         used = {k for tv in tvs for k, t in tv.items() if t.is_floating_point()}
         if not used:
             raise ShiftkitError("the task vectors have no floating tensor: nothing to scale")
-        # blocks are the model's parameters (spec §3.1); a buffer in a task vector (BatchNorm running
-        # statistics) stays frozen at the base value: its coefficients are reported as 0
+        # blocks are the model's parameters (as in fredzzhang/atlas); a buffer in a task vector (BatchNorm
+        # running statistics) stays frozen at the base value: its coefficients are reported as 0
         params = {n for n, _ in model.named_parameters()}
         self.keys: list[str] = [k for k in own if k in used and k in params]  # the model's order
         self.frozen_keys: list[str] = [k for k in own if k in used and k not in params]
@@ -214,7 +215,7 @@ class AtlasBlocks:
                 "the task vectors shift no parameter of the model (only buffers): nothing to scale"
             )
         self.base: dict[str, Tensor] = {k: own[k].detach() for k in self.keys}
-        # τ_{t,b} in the base dtype and device (spec §3.3: T full vectors stay resident); None = missing
+        # τ_{t,b} in the base dtype and device (T full vectors stay resident); None = missing
         # from that task vector, i.e. a zero shift whose coefficient never gets a gradient
         self.taus: list[list[Tensor | None]] = [
             [tv[k].detach().to(device=own[k].device, dtype=own[k].dtype) if k in tv else None for tv in tvs]
@@ -231,7 +232,7 @@ class AtlasBlocks:
             for k in self.keys
         ]
         ref = next(iter(self.base.values()))
-        # accumulate Δ in float32 (spec §3.3), float64 when the model itself is float64
+        # accumulate Δ in float32 (not the vectors' dtype), float64 when the model itself is float64
         self.compute_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
         n_blocks = len(self.keys) if blockwise else 1
         self.lam = nn.Parameter(
@@ -271,7 +272,10 @@ class AtlasBlocks:
         return (forward or default_forward)(fm, inputs)
 
     def regularizer(self, p: float) -> Tensor:
-        """``mean_b ‖Λ_{:,b}‖_p`` (norm over tasks and partitions, mean over blocks; spec §3.2)."""
+        """``mean_b ‖Λ_{:,b}‖_p`` (norm over tasks and partitions, mean over blocks).
+
+        The optional regulariser of the reference fredzzhang/atlas ``src/learn_task_addition.py``.
+        """
         flat = self.lam.permute(1, 0, 2).reshape(self.lam.shape[1], -1)
         return torch.linalg.vector_norm(flat, ord=p, dim=1).mean()
 

@@ -1,5 +1,5 @@
 """aTLAS: learned anisotropic (block-wise) scaling of task vectors (Zhang et al., NeurIPS 2024,
-https://arxiv.org/abs/2407.11091; spec combine-compress.md §3).
+https://arxiv.org/abs/2407.11091; reference code fredzzhang/atlas).
 
 Every parameter tensor is a *block* ``b``; each task vector ``τ_t`` gets a learned coefficient per block::
 
@@ -209,7 +209,8 @@ def learn_atlas(
     Objectives: ``"supervised"`` minimises cross-entropy (or ``loss_fn(logits, labels)``) as in the paper's
     task-addition and few-shot settings. ``"entropy"`` minimises the mean Shannon entropy of
     ``softmax(logits)`` and ignores labels: a simple unsupervised (test-time) objective. The paper's own
-    unsupervised variant is FixMatch-style self-training on confident pseudo-labels (spec §3.2), not this.
+    unsupervised variant is FixMatch-style self-training on confident pseudo-labels (fredzzhang/atlas
+    ``src/learn_ufm.py``), not this.
 
     Args:
         model: the base model ``θ0`` (not modified; no shift may be attached). Its tensor names key

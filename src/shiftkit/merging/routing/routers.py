@@ -251,7 +251,7 @@ class LearnedRouter(Router):
         dim: query dimension ``D``.
         hidden: hidden widths of the ReLU MLP; PSEC's reference uses (256, 256).
         head: ``"none"`` (PSEC: unconstrained α), ``"softmax"`` (α on the simplex) or ``"sigmoid"``
-            (``scale · σ(z)``, each α in ``(0, scale)``) — the bounded heads of spec §5.3 against explosion.
+            (``scale · σ(z)``, each α in ``(0, scale)``) — bounded heads, against an unbounded α exploding.
         scale: the sigmoid head's upper bound.
         init_bias: every output starts at this logit. The final layer's weights start at zero (PSEC
             zero-initialises a new skill's row so behaviour is unchanged), so with ``head="none"`` and the
@@ -303,7 +303,7 @@ class LearnedRouter(Router):
         """Grow the output layer by one zero-initialised row for a new pool member (PSEC skill expansion).
 
         With ``head="none"`` the existing members' weights are unchanged and the new one starts at
-        ``α = 0`` (spec §5.3), so the routed model computes exactly what it did before the expansion.
+        ``α = 0`` (its row is zero), so the routed model computes exactly what it did before the expansion.
         Re-attach the router with the grown pool (``detach_router_`` then ``attach_router_``).
 
         Args:

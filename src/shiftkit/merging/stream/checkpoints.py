@@ -9,9 +9,10 @@ Tensors are read one at a time with ``os.preadv`` straight into a fresh tensor, 
 safetensors header, instead of through a memory map: mapped pages of every input shard would stay resident
 and count in the process's RSS, while a positional read keeps memory at the tensors in flight.
 
-The writer (:class:`ShardedWriter`, in ``_shards.py``) streams the safetensors layout shard by shard, so
-no shard is ever held in memory. :func:`align_keys` and :class:`ShiftReader` apply the key policy (spec §0.3)
-and form the float32 shifts ``τ_t = θ_t − θ0`` of one tensor at a time (spec §0.4).
+The writer (:class:`ShardedWriter`, in ``_shards.py``) streams the safetensors layout shard by shard, so no
+shard is ever held in memory. :func:`align_keys` and :class:`ShiftReader` apply the key policy
+(``on_missing=``) and form the float32 shifts ``τ_t = θ_t − θ0`` of one tensor at a time (never in a bf16/fp16
+base dtype).
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 @dataclass
 class KeyLayout:
-    """Which tensors get merged and which are copied from the base (spec §0.3), from :func:`align_keys`.
+    """Which tensors get merged and which are copied from the base (``on_missing``), from :func:`align_keys`.
 
     Example:
         >>> lay = align_keys(base, models, "error")

@@ -138,7 +138,8 @@ def dare_ties_into_(
 
     Args:
         acc: float32 accumulator (θ0 or zeros); taus: T float32 shifts, consumed; weights: T weights.
-        params: resolved ``dare_ties`` parameters. key: the tensor name (it seeds the masks, spec §0.8).
+        params: resolved ``dare_ties`` parameters. key: the tensor name (it seeds the masks, so they do not
+            depend on streaming order).
 
     Example:
         >>> dare_ties_into_(acc, [tau1, tau2], [1.0, 1.0], {"density": 0.3, "rescale": "l1", "seed": 0,

@@ -1,6 +1,6 @@
 """Streaming plans: how a merge method whose output depends on whole-model statistics runs tensor by tensor.
 
-Most merge methods are *tensor-local* (spec §0.5): the merged tensor ``k`` depends only on the inputs'
+Most merge methods are *tensor-local*: the merged tensor ``k`` depends only on the inputs'
 tensors ``k`` (task arithmetic, mergekit/peft TIES, DARE, SLERP, soups). The streaming merge
 (``shiftkit merge recipe.yaml OUT``) calls the registered merge function once per tensor for them.
 
@@ -11,7 +11,7 @@ factory returns a :class:`MultiPass` (or ``None`` when the given parameters make
 ``ties`` with ``semantics="mergekit"``). The streaming engine then
 
 1. for ``p`` in ``range(passes.n_passes)``: calls ``passes.observe(p, key, tensors, weights)`` for every key
-   (sorted order, the flatten order of the reference code, spec §0.1), then ``passes.end_pass(p)``;
+   (sorted order, the flatten order of the TIES/PCB/ComPEFT reference code), then ``passes.end_pass(p)``;
 2. calls ``passes.apply(key, tensors, weights)`` for every key and writes the result.
 
 ``tensors`` are the T inputs' float32 shifts for that key (aligned, finite, same shape). It keeps only

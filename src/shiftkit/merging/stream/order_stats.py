@@ -1,4 +1,4 @@
-"""Exact streaming order statistics (k-th largest magnitude, quantiles) over many tensors (spec §0.6).
+"""Exact streaming order statistics (k-th largest magnitude, quantiles) over many tensors.
 
 Global merge methods (original-paper TIES trimming, PCB quantiles) need an order statistic of one task's
 values over the *whole* model — ``s[j]`` of the sorted concatenation of every tensor, ``d`` up to 10¹⁰ —
@@ -202,7 +202,7 @@ class OrderStatistics:
 
 
 class KthLargestMagnitude:
-    """Exact global k-th largest ``|x|`` per stream, and the matching keep-masks (spec §0.6).
+    """Exact global k-th largest ``|x|`` per stream, and the matching keep-masks.
 
     Args:
         n_streams: number of streams (e.g. tasks).

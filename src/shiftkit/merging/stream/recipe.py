@@ -1,4 +1,4 @@
-"""Merge recipes: mergekit-shaped YAML → a validated :class:`ResolvedRecipe` (DESIGN.md §3).
+"""Merge recipes: mergekit-shaped YAML → a validated :class:`ResolvedRecipe` (unknown keys are errors).
 
 Example recipe (``examples/merge_ties.yaml``)::
 
@@ -95,7 +95,8 @@ class ResolvedRecipe:
         out_dtype: ``"float32"``/``"float16"``/``"bfloat16"`` or ``None`` (the base's dtype per tensor).
         tokenizer_source: folder to copy tokenizer files from, or ``None``.
         max_shard_size: bytes per output shard.
-        on_missing: ``"error"``, ``"zero"`` or ``"skip"`` for tensors missing from some models (spec §0.3).
+        on_missing: ``"error"``, ``"zero"`` or ``"skip"`` for tensors missing from some models (raise, count
+            as a zero shift, or merge over the models that have them).
         source: the recipe file, if read from one.
         plugins: modules imported first (the recipe's ``plugins:``): they register user merge methods.
 

@@ -1,9 +1,10 @@
-"""Streaming checkpoint merge: ``shiftkit merge recipe.yaml OUT`` (spec §0.5; DESIGN.md §6).
+"""Streaming checkpoint merge: ``shiftkit merge recipe.yaml OUT`` (tensor by tensor over sharded safetensors).
 
 For every tensor name ``k`` (sorted order) the engine reads ``θ0[k]`` and the T inputs' ``θ_t[k]``, forms
-``τ_t = θ_t − θ0`` in float32 (spec §0.4), merges them with the registered merge function (tensor-local
-methods) or the method's :class:`~shiftkit.merging.stream.multipass.MultiPass` (whole-model
-statistics: statistics passes first, then the apply pass), and writes ``θ0 + τ`` cast to the output dtype.
+``τ_t = θ_t − θ0`` in float32 (never in a bf16/fp16 base dtype), merges them with the registered merge
+function (tensor-local methods) or the method's :class:`~shiftkit.merging.stream.multipass.MultiPass`
+(whole-model statistics: statistics passes first, then the apply pass), and writes ``θ0 + τ`` cast to the
+output dtype.
 Only the T + 1 input tensors of one name and the result are in memory at a time, whatever the model size.
 
 Outputs: a model folder (sharded safetensors + index, ``config.json`` with the output dtype, tokenizer files,
@@ -11,7 +12,7 @@ Outputs: a model folder (sharded safetensors + index, ``config.json`` with the o
 (``sk.load``-able; recipe saved as ``OUT.recipe.yaml``). Writes go to a temp folder/file beside ``OUT`` that
 is renamed into place only when complete; any error or Ctrl-C removes it and leaves no ``OUT``.
 
-Key policy (spec §0.3): non-floating tensors and tensors only the base has are copied from the base; a
+Key policy: non-floating tensors and tensors only the base has are copied from the base; a
 tensor some (not all) models lack raises (``on_missing="error"``), counts as a zero shift (``"zero"``) or is
 merged over the models that have it (``"skip"``). A shift file lacking a tensor means "no change" (zero).
 """
