@@ -1,4 +1,5 @@
-"""A LoRA shift trained with DistributedDataParallel (gloo, 2 CPU processes) equals single-process training.
+"""Shifts trained on 2 CPU processes (gloo) equal single-process training: a DDP loop written out, and
+``shiftkit learn`` launched by ``torchrun`` with DDP and with FSDP2 (the base sharded over the ranks).
 
 DESIGN.md §6: shift modules are plain parameters, so PyTorch's own DDP trains them. Each rank sees half of
 the global batch; DDP averages the gradients, which for equal shards is the gradient of the mean loss over
@@ -158,6 +159,112 @@ def test_ddp_gloo_two_processes_equals_single_process(tmp_path: Path) -> None:
         assert any(not torch.allclose(alone[k], ref[k], atol=1e-4) for k in ref.tensors), (
             f"{opt_name}: half-batch training equals full-batch training; the check proves nothing"
         )
+
+
+# --- shiftkit learn under torchrun: DDP and FSDP2 ------------------------------------------------------
+def tiny_text_classifier() -> tuple[nn.Module, object]:
+    """A 2-layer BERT classifier (hidden 16, no dropout) on MiniLM's tokenizer: a ``learn`` model factory.
+
+    Dropout off: each rank would otherwise draw its own masks and the comparison with one process could not
+    be exact.
+    """
+    from transformers import BertConfig, BertModel
+
+    from shiftkit import zoo
+    from shiftkit.recipes.models import TextClassifier
+
+    _, tok = zoo.load_model("minilm")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        config = BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            attn_implementation="eager",
+        )
+        encoder = BertModel(config, add_pooling_layer=False)
+    return TextClassifier(encoder, 2, seed=1).eval(), tok
+
+
+def _learn_config(path: Path, parallel: str) -> Path:
+    import yaml
+
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": "test_distributed:tiny_text_classifier",
+                "data": {"name": "vader", "domain": "tweets", "n_train": 48, "n_test": 16},
+                "method": {"name": "lora", "r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]},
+                "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "max_length": 24, "parallel": parallel},
+            }
+        )
+    )
+    return path
+
+
+@pytest.mark.assets
+@pytest.mark.slow  # two torchrun ranks start, import torch and train a tiny model: ~15 s
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_learn_under_torchrun_equals_one_process(parallel: str, tmp_path: Path) -> None:
+    from conftest import need_asset
+    from shiftkit.cli import main
+
+    need_asset("minilm")
+    need_asset("vader")
+    cfg = _learn_config(tmp_path / "cfg.yaml", parallel)
+    tests_dir = str(Path(__file__).parent)
+    sys.path.insert(0, tests_dir)
+    try:
+        assert main(["learn", str(cfg), "--output", str(tmp_path / "one"), "--no-progress"]) == 0
+    finally:
+        sys.path.remove(tests_dir)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
+    )
+    if sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "shiftkit",
+        "learn",
+        str(cfg),
+        "--output",
+        str(tmp_path / "two"),
+        "--no-progress",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = (
+        sk.load(tmp_path / "one" / "shift.safetensors"),
+        sk.load(tmp_path / "two" / "shift.safetensors"),
+    )
+    assert one.config == two.config and set(one.tensors) == set(two.tensors)
+    for k, want in one.tensors.items():
+        torch.testing.assert_close(two.tensors[k], want, atol=2e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    assert any(not torch.allclose(t, torch.zeros_like(t)) for k, t in one.tensors.items() if "lora_B" in k)
+    import json
+
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["processes"] == WORLD and metrics["parallel"] == parallel
+    one_m = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert abs(metrics["final_loss"] - one_m["final_loss"]) < 1e-4  # the logged loss is the global one
 
 
 if __name__ == "__main__":  # a DDP rank, started by _run_ddp

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["PARALLEL", "Dist", "gather_full", "init_from_env", "local_rows", "shard_"]
+__all__ = ["PARALLEL", "Dist", "gather_full", "init_from_env", "local_rows", "reshard_", "shard_"]
 
 #: the ways :func:`shard_` can spread a model over the ranks
 PARALLEL = ("ddp", "fsdp")
@@ -116,6 +116,22 @@ def shard_(model: nn.Module, parallel: str, dist: Dist) -> nn.Module:
         fully_shard(layer)
     fully_shard(model)
     return model
+
+
+def reshard_(model: nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded state (no-op without FSDP2).
+
+    After a forward without backward (evaluation) FSDP2 keeps the root's parameters gathered, in memory it
+    may free at any time: reading them then is undefined. Call this before ``sk.extract`` or
+    ``state_dict()`` of a sharded model, which then see the sharded parameters and gather them whole.
+
+    Example:
+        >>> accuracy(model, batches); reshard_(model); shift = sk.extract(model)
+    """
+    for m in model.modules():
+        reshard = getattr(m, "reshard", None)
+        if callable(reshard) and type(m).__name__.startswith("FSDP"):
+            reshard()
 
 
 def local_rows(batch: Mapping[str, Tensor], dist: Dist) -> tuple[dict[str, Tensor], int]:

@@ -283,7 +283,7 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
 
     import shiftkit as sk
     from shiftkit import zoo
-    from shiftkit.recipes.distributed import gather_full, init_from_env, shard_
+    from shiftkit.recipes.distributed import gather_full, init_from_env, reshard_, shard_
     from shiftkit.recipes.learn import accuracy, encode_texts, eval_batches, text_batches, train
 
     d, tc = config.data, config.train
@@ -346,6 +346,7 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
         dist=dist,
     )
     acc = {dom: accuracy(runner, batches) for dom, batches in tests.items()}
+    reshard_(model)  # FSDP2: back to the sharded parameters, gathered whole by extract / gather_full
     if mcfg is not None:
         shift = sk.extract(model)  # gathered whole from every rank's shard under FSDP2
     else:
