@@ -147,7 +147,8 @@ def test_merge_vader_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_cache_key_follows_the_expert_settings_but_not_the_kinds() -> None:
-    from shiftkit.bench._merge_vader_experts import MergeVaderSettings, _lora_config, cache_key
+    from shiftkit.bench._merge_vader_merges import MergeVaderSettings
+    from shiftkit.recipes.vader_experts import _lora_config, cache_key
 
     base = MergeVaderSettings()
     assert (base.n_train, base.lora_r, base.lora_targets) == (512, 8, "all-linear")  # peft-vader's LoRA plan

@@ -136,13 +136,6 @@ def _run_mergekit(mk: ModuleType, recipe: dict[str, Any], out: Path) -> dict[str
     return _load_folder(out)
 
 
-def _streaming_module() -> ModuleType | None:
-    # find_spec rather than importorskip: an import error *inside* the module must fail the test
-    if importlib.util.find_spec("shiftkit.merging.stream.runner") is None:
-        return None
-    return importlib.import_module("shiftkit.merging.stream.runner")
-
-
 def _check(models: dict[str, Any], merged: Shift, got: dict[str, Tensor], what: str) -> None:
     base = models["states"]["base"]
     assert set(got) == set(base), f"{what}: keys differ {sorted(set(got) ^ set(base))[:4]}"
@@ -158,12 +151,12 @@ def _compare(
     mk: ModuleType, models: dict[str, Any], recipe: dict[str, Any], merged: Shift, tmp_path: Path
 ) -> None:
     _check(models, merged, _run_mergekit(mk, recipe, tmp_path / "mergekit"), "mergekit")
-    streaming = _streaming_module()
-    if streaming is not None:  # shiftkit's own streaming merge of the same recipe file
-        path = tmp_path / "recipe.yml"
-        path.write_text(yaml.safe_dump(recipe))
-        streaming.merge_recipe(path, tmp_path / "shiftkit", progress=False)
-        _check(models, merged, _load_folder(tmp_path / "shiftkit"), "shiftkit streaming")
+    from shiftkit.merging.stream.runner import merge_recipe
+
+    path = tmp_path / "recipe.yml"  # shiftkit's own streaming merge of the same recipe file
+    path.write_text(yaml.safe_dump(recipe))
+    merge_recipe(path, tmp_path / "shiftkit", progress=False)
+    _check(models, merged, _load_folder(tmp_path / "shiftkit"), "shiftkit streaming")
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -344,11 +337,3 @@ def test_slerp_of_weights(
     if base_listed:  # both recipe shapes mergekit accepts: the base also listed under models, or not
         recipe["models"].insert(0, {"model": str(models["paths"]["base"])})
     _compare(mergekit, models, recipe, merged, tmp_path)
-
-
-def test_streaming_merge_is_present() -> None:
-    """The streaming recipe merge (issue 4) is compared above whenever it exists; say so when it does not."""
-    if _streaming_module() is None:
-        pytest.skip(
-            "shiftkit.merging.stream.runner is not written yet: only sk.merge was compared to mergekit"
-        )

@@ -1,4 +1,4 @@
-"""``merge-vader`` rows: evaluation, the per-method coefficient grids chosen on validation, and the merges.
+"""``merge-vader`` settings and rows: the per-method coefficient grids chosen on validation, and the merges.
 
 Every merge starts from θ0 and the four per-domain task vectors (full fine-tuning, or the exact dense
 ``ΔW = (α/r) B A`` of the LoRA experts), builds ``θ = θ0 + merge(τ_1..τ_4)`` for each value of its grid,
@@ -12,26 +12,67 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 import shiftkit as sk
-from shiftkit.bench._merge_vader_experts import DOMAINS, Batches, Experts, VaderSplits
-from shiftkit.recipes.learn import logits_accuracy, predict, text_batches
+from shiftkit.recipes.learn import text_batches
+from shiftkit.recipes.vader_experts import (
+    DOMAINS,
+    Experts,
+    ExpertSettings,
+    VaderSplits,
+    evaluate,
+    pooled,
+    with_delta,
+)
 
 __all__ = [
     "GRIDS",
     "Grid",
-    "evaluate",
+    "MergeVaderSettings",
     "merge_rows",
     "model_row",
     "select_on_validation",
-    "with_delta",
+    "suite_settings",
 ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeVaderSettings(ExpertSettings):
+    """A ``merge-vader`` run: the experts' settings plus those of merging and routing them.
+
+    Attributes:
+        atlas_epochs: passes of aTLAS over the validation split.
+        atlas_lr: aTLAS's rate. Λ starts at 0 and Adam moves each λ by about ``lr`` per step; with 48 steps
+            (the paper's 1e-3 assumes thousands; its few-shot runs use 0.1) 0.05 lets λ reach the ~1 that
+            task arithmetic picks here (at 0.02 the learned λ averaged 0.1 and aTLAS trailed TA by 1 point).
+        router_epochs: passes of the learned router over the validation split (each step runs the routed
+            encoder forward and backward: 4 epochs of 256 sentences = 64 steps, about a minute on 2 cores).
+        router_lr: its AdamW rate (PSEC's 3e-4 is for 10⁶ steps; 64 steps need a larger one).
+        grid: ``"small"`` (≤ 3 values per merge method) or ``"one"`` (the first value only: --quick).
+    """
+
+    atlas_epochs: int = 3
+    atlas_lr: float = 0.05
+    router_epochs: int = 4
+    router_lr: float = 3e-3
+    grid: str = "small"
+
+
+def suite_settings(data: VaderSplits) -> MergeVaderSettings:
+    """``data.settings`` as the suite's settings (the splits were loaded for a ``merge-vader`` run).
+
+    Raises:
+        ShiftkitError: the splits were loaded with plain :class:`ExpertSettings`.
+    """
+    s = data.settings
+    if not isinstance(s, MergeVaderSettings):
+        raise sk.ShiftkitError(f"merge-vader needs MergeVaderSettings, got {type(s).__name__}")
+    return s
 
 
 @dataclass(frozen=True)
@@ -95,41 +136,6 @@ def select_on_validation(
     scores = {str(v): float(score(v)) for v in values}
     best = max(values, key=lambda v: (scores[str(v)], -list(values).index(v)))
     return best, scores
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: dict[str, Batches]) -> dict[str, float]:
-    """Accuracy of ``model`` on each domain's batches.
-
-    Example:
-        >>> evaluate(data.model, data.test_batches)["tweets"]
-        0.87
-    """
-    return {dom: logits_accuracy(*predict(model, b)) for dom, b in batches.items()}
-
-
-def pooled(acc: dict[str, float], data: VaderSplits) -> float:
-    """Accuracy over every test sentence of every domain: a mixed-domain stream of the same sentences."""
-    n = {d: len(data.test[d]) for d in acc}
-    return sum(acc[d] * n[d] for d in acc) / max(1, sum(n.values()))
-
-
-@contextmanager
-def with_delta(data: VaderSplits, delta: sk.Shift | None) -> Iterator[torch.nn.Module]:
-    """``data.model`` set to ``θ0 + delta`` for the block, θ0 again afterwards.
-
-    Example:
-        >>> with with_delta(data, merged) as model:
-        ...     acc = evaluate(model, data.val_batches)
-    """
-    model = data.model
-    model.load_state_dict(data.base_state)
-    try:
-        if delta is not None:
-            sk.apply_(model, delta)
-        yield model
-    finally:
-        model.load_state_dict(data.base_state)
 
 
 def model_row(
@@ -213,7 +219,7 @@ def _merge_one(
 def _atlas_rows(
     data: VaderSplits, kind: str, tvs: dict[str, sk.Shift], progress: bool
 ) -> list[dict[str, Any]]:
-    s = data.settings
+    s = suite_settings(data)
     union = [data.val[d] for d in DOMAINS]
     from shiftkit.recipes.learn import EncodedTexts
 
@@ -270,7 +276,7 @@ def merge_rows(
         >>> rows, failed = merge_rows(data, experts, sk.list_merge_methods())
     """
     say = log or (lambda _m: None)
-    one = data.settings.grid == "one"
+    one = suite_settings(data).grid == "one"
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     for kind, tvs in (("full", experts.full), ("lora", experts.lora_delta)):

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import shiftkit as sk
-from shiftkit.bench._merge_vader_experts import DOMAINS, Experts, VaderSplits
-from shiftkit.bench._merge_vader_merges import evaluate, pooled, with_delta
+from shiftkit.bench._merge_vader_merges import suite_settings
 from shiftkit.recipes.learn import EncodedTexts, eval_batches, logits_accuracy, predict, text_batches
+from shiftkit.recipes.vader_experts import DOMAINS, Experts, VaderSplits, evaluate, pooled, with_delta
 
 __all__ = ["route_rows"]
 
@@ -87,7 +87,7 @@ def route_rows(
     from shiftkit.merging.routing.queries import hf_mean_pool_query
 
     say = log or (lambda _m: None)
-    s = data.settings
+    s = suite_settings(data)
     pool = sk.ShiftPool({d: experts.lora[d] for d in DOMAINS})
     qf = hf_mean_pool_query("encoder")  # = TextClassifier.embed on the frozen base: θ0's pooled features
     rows: list[dict[str, Any]] = []

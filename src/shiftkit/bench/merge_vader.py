@@ -180,7 +180,7 @@ def run_suite(
     """Train (or read) θ0 and the experts, merge and route them, and return the results payload.
 
     Args:
-        settings: :class:`~shiftkit.bench._merge_vader_experts.MergeVaderSettings` fields.
+        settings: :class:`~shiftkit.bench._merge_vader_merges.MergeVaderSettings` fields.
         methods: merge methods to run (default: every registered one).
         routing: add the routed-pool rows (needs ``shiftkit.merging.routing.attach``).
         cache_root: where the experts are cached (``None``: nowhere).
@@ -194,15 +194,15 @@ def run_suite(
     """
     import torch
 
-    from shiftkit.bench._merge_vader_experts import MergeVaderSettings, build_experts, load_data
-    from shiftkit.bench._merge_vader_merges import merge_rows, model_row
+    from shiftkit.bench._merge_vader_merges import MergeVaderSettings, merge_rows, model_row
     from shiftkit.bench.report import environment
+    from shiftkit.recipes.vader_experts import build_experts, load_splits
 
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
     s = MergeVaderSettings(**settings)
     chosen = _merge_methods(methods)
-    data = load_data(s)
+    data = load_splits(s)
     experts = build_experts(data, cache_root, progress, say)
     train_s = time.perf_counter() - t0
     rows = [
@@ -259,7 +259,7 @@ def run_suite(
 
 
 def _oracle_row(data: Any, kind: str, own: dict[str, float]) -> dict[str, Any]:
-    from shiftkit.bench._merge_vader_merges import pooled
+    from shiftkit.recipes.vader_experts import pooled
 
     row: dict[str, Any] = {"row": f"{kind} oracle: own expert per domain", "group": "oracle", "kind": kind}
     row["accuracy"] = own

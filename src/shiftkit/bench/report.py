@@ -1,6 +1,7 @@
 """Results tables and self-contained HTML reports (inline SVG charts, no plotting library).
 
-``table_rows`` / ``render_html`` / ``write_report`` serve ``shiftkit demo`` (one training domain);
+``table_rows`` / ``learn_section_html`` / ``render_html`` / ``write_report`` serve the learn section of
+``shiftkit demo`` (one training domain);
 ``suite_table_rows`` / ``render_suite_html`` / ``write_suite_report`` serve the ``shiftkit bench`` suites,
 whose payload holds one run per training domain under ``"runs"``.
 
@@ -30,6 +31,9 @@ __all__ = [
     "footer",
     "format_table",
     "html_table",
+    "human_bytes",
+    "human_count",
+    "learn_section_html",
     "params_chart_svg",
     "render_html",
     "render_suite_html",
@@ -283,15 +287,15 @@ def _data_sentence(s: dict[str, Any], trained_on: str) -> str:
     )
 
 
-def render_html(payload: dict[str, Any]) -> str:
-    """The whole report as one HTML string (no external resources)."""
+def learn_section_html(payload: dict[str, Any]) -> str:
+    """The learn table with its data sentence, note, two charts and the method settings (an HTML fragment).
+
+    Example:
+        >>> fragment = learn_section_html(payload)
+    """
     esc = html.escape
     s = payload["settings"]
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(payload["title"])}</title>
-<style>{CSS}</style></head><body>
-<h1>{esc(payload["title"])}</h1>
-{_data_sentence(s, payload["train_domain"])}
+    return f"""{_data_sentence(s, payload["train_domain"])}
 {html_table(*table_rows(payload))}
 <p class="note">“max fold diff”: the shift was saved, loaded onto the base and folded into its weights
 (for full fine-tuning and the probe: their task vector added); the number is the largest absolute
@@ -299,7 +303,21 @@ difference of its logits from the trained model's, on {esc(str(s["fold_check"]))
 “file”: size of the saved shift file.</p>
 {accuracy_chart_svg(payload)}
 {params_chart_svg(payload)}
-<h2>Settings</h2>{_settings_list(payload["methods"])}
+<h3>Settings</h3>{_settings_list(payload["methods"])}"""
+
+
+def render_html(payload: dict[str, Any]) -> str:
+    """A learn payload's whole report as one HTML string (no external resources).
+
+    Example:
+        >>> html = render_html(payload)
+    """
+    esc = html.escape
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(payload["title"])}</title>
+<style>{CSS}</style></head><body>
+<h1>{esc(payload["title"])}</h1>
+{learn_section_html(payload)}
 {footer(payload)}
 </body></html>
 """

@@ -149,7 +149,9 @@ def run_suite(
     """Run the suite and return the results payload (``results.json``).
 
     Args:
-        settings: a :data:`SIZES` entry plus ``seed`` and ``severity`` (and optional overrides).
+        settings: a :data:`SIZES` entry plus ``seed`` and ``severity``; optional overrides:
+            ``mnist_n_train`` (MNIST-5k images the digits source trains on, default 4,500) and ``digits_n``
+            (digits tested, default all 1,797). The tests shrink every size this way.
         methods: subset of ``adapt.list_methods()`` (default: every registered method).
         streams: subset of :data:`SETTINGS` (default all).
         digits: also run MNIST-5k → digits.

@@ -1,4 +1,6 @@
-"""``merge-vader`` data and experts: the shared start θ0, per-domain full / LoRA experts, a cache of them.
+"""Per-domain VADER experts of one MiniLM: the shared start θ0, full / LoRA experts, a cache of them.
+
+The components of ``shiftkit bench merge-vader`` and of the demo's merge section.
 
 θ0 is the pretrained MiniLM encoder plus ONE linear head trained as a probe on the union of the four
 domains' training sentences (encoder frozen). Every expert and the multi-task model start from θ0 and train
@@ -13,8 +15,8 @@ affect training, ``kinds`` excluded), one file per kind and domain, so a rerun w
 merges and evaluates, and a ``--kinds lora`` run's LoRA experts are reused by a later run of both kinds.
 
 Example:
-    >>> s = MergeVaderSettings(n_train=64)
-    >>> data = load_data(s)
+    >>> s = ExpertSettings(n_train=64)
+    >>> data = load_splits(s)
     >>> experts = build_experts(data, cache_root=None)
 """
 
@@ -25,7 +27,8 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,8 @@ from shiftkit.recipes.learn import (
     TrainConfig,
     encode_texts,
     eval_batches,
+    logits_accuracy,
+    predict,
     tensor_batches,
     text_batches,
     train,
@@ -49,12 +54,16 @@ from shiftkit.recipes.models import TextClassifier, text_classifier
 
 __all__ = [
     "DOMAINS",
+    "ExpertSettings",
     "Experts",
-    "MergeVaderSettings",
     "VaderSplits",
     "build_experts",
     "cache_key",
-    "load_data",
+    "evaluate",
+    "load_splits",
+    "lora_delta",
+    "pooled",
+    "with_delta",
 ]
 
 DOMAINS: tuple[str, ...] = ("tweets", "movies", "amazon", "nyt")
@@ -62,8 +71,8 @@ Batches = list[dict[str, Tensor]]
 
 
 @dataclass(frozen=True, kw_only=True)
-class MergeVaderSettings:
-    """Sizes and training settings of a ``merge-vader`` run (per-domain counts).
+class ExpertSettings:
+    """Data and training settings of per-domain experts (counts per domain).
 
     Attributes:
         n_train: balanced training sentences per domain (each expert trains on one domain's). 512 as
@@ -75,21 +84,18 @@ class MergeVaderSettings:
         epochs: epochs of every expert (the multi-task model: the same epochs over the union, 4x the steps).
         full_lr: full fine-tuning's rate (peft-vader's sweep: 1e-4).
         lora_lr: LoRA's rate (peft-vader's LoRA plan: 2e-3).
-        lora_r / lora_alpha: LoRA rank and α (the issue's r=8; α/r = 2 as peft-vader).
+        lora_r / lora_alpha: LoRA rank and α (r=8 as the LoRA plan of peft-vader; α/r = 2 as there).
         lora_targets: the LoRA's ``target_modules`` in the encoder (the head is always excluded).
             ``"all-linear"`` as peft-vader's LoRA plan (0.947 in-domain on tweets vs the probe's 0.863);
             ``query``/``value`` only gave experts too weak to specialise.
         probe_epochs / probe_lr: the θ0 head, trained on cached features (cheap, so to convergence).
-        atlas_epochs: passes of aTLAS over the validation split.
-        atlas_lr: aTLAS's rate. Λ starts at 0 and Adam moves each λ by about ``lr`` per step; with 48 steps
-            (the paper's 1e-3 assumes thousands; its few-shot runs use 0.1) 0.05 lets λ reach the ~1 that
-            task arithmetic picks here (at 0.02 the learned λ averaged 0.1 and aTLAS trailed TA by 1 point).
-        router_epochs: passes of the learned router over the validation split (each step runs the routed
-            encoder forward and backward: 4 epochs of 256 sentences = 64 steps, about a minute on 2 cores).
-        router_lr: its AdamW rate (PSEC's 3e-4 is for 10⁶ steps; 64 steps need a larger one).
-        grid: ``"small"`` (≤ 3 values per merge method) or ``"one"`` (the first value only: --quick).
         kinds: which experts to train and merge: ``"full"`` fine-tuning and/or ``"lora"``. ``--quick`` keeps
             LoRA only: merging four dense 22.7M-parameter task vectors takes minutes per method on 2 cores.
+        multi_task: also train one model of each kind on the union of the domains (4x the steps).
+        by_length: batch training sentences of similar length (``text_batches(by_length=True)``): the same
+            sentences and epochs with less padding (about 1.5x faster on VADER's sentences); other batches,
+            so other experts than without it.
+        device: where to train.
     """
 
     model: str = "minilm"
@@ -108,31 +114,31 @@ class MergeVaderSettings:
     lora_targets: str = "all-linear"
     probe_epochs: int = 30
     probe_lr: float = 5e-3
-    atlas_epochs: int = 3
-    atlas_lr: float = 0.05
-    router_epochs: int = 4
-    router_lr: float = 3e-3
-    grid: str = "small"
     kinds: tuple[str, ...] = ("full", "lora")
+    multi_task: bool = True
+    by_length: bool = False
     device: str = "cpu"
 
 
-#: fields that change the trained experts (the cache key); the others only change merging / evaluation.
-#: ``kinds`` is not one: each kind's experts are separate files of the same folder (θ0's head is shared).
+#: fields that change the trained experts (the cache key; ``by_length`` too, when on); the others only change
+#: which experts exist or how they are used. ``kinds`` and ``multi_task`` are not: each kind's experts are
+#: separate files of the same folder (θ0's head is shared).
 TRAIN_FIELDS: tuple[str, ...] = (
     *("model", "n_train", "n_val", "threshold", "max_length", "batch_size", "epochs", "seed"),
     *("full_lr", "lora_lr", "lora_r", "lora_alpha", "lora_targets", "probe_epochs", "probe_lr"),
 )
 
 
-def cache_key(s: MergeVaderSettings) -> str:
+def cache_key(s: ExpertSettings) -> str:
     """A short hash of the settings that determine the experts.
 
     Example:
-        >>> cache_key(MergeVaderSettings()) == cache_key(MergeVaderSettings(n_test=999))
+        >>> cache_key(ExpertSettings()) == cache_key(ExpertSettings(n_test=999))
         True
     """
-    fields = {k: getattr(s, k) for k in TRAIN_FIELDS}
+    fields: dict[str, Any] = {k: getattr(s, k) for k in TRAIN_FIELDS}
+    if s.by_length:  # only when on: keys of experts cached before the option existed stay valid
+        fields["by_length"] = True
     text = json.dumps({"fields": fields, "shiftkit": sk.__version__}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -146,7 +152,7 @@ class VaderSplits:
     in batches of 64 that mix domains; ``mixed_domains`` says which domain each of its rows came from.
     """
 
-    settings: MergeVaderSettings
+    settings: ExpertSettings
     model: TextClassifier
     train: dict[str, EncodedTexts]
     val: dict[str, EncodedTexts]
@@ -164,14 +170,14 @@ def _concat(parts: list[EncodedTexts]) -> EncodedTexts:
     )
 
 
-def load_data(s: MergeVaderSettings) -> VaderSplits:
+def load_splits(s: ExpertSettings) -> VaderSplits:
     """MiniLM (seeded head) and, per domain, disjoint balanced train / validation / test splits (tokenised).
 
     Validation sentences are the last ``n_val`` of ``zoo.vader_split``'s training part, so the test split is
     the one every VADER suite uses for the same ``n_test`` and seed.
 
     Example:
-        >>> data = load_data(MergeVaderSettings(n_train=16, n_val=8, n_test=16))
+        >>> data = load_splits(ExpertSettings(n_train=16, n_val=8, n_test=16))
         >>> sorted(data.test), len(data.mixed_domains)
         (['amazon', 'movies', 'nyt', 'tweets'], 64)
     """
@@ -230,7 +236,7 @@ class Experts:
     cache_dir: Path | None
 
 
-def _lora_config(s: MergeVaderSettings) -> sk.ShiftConfig:
+def _lora_config(s: ExpertSettings) -> sk.ShiftConfig:
     # the head is the frozen shared readout: "all-linear" would otherwise pick it (it is no output embedding)
     return sk.LoRAConfig(
         r=s.lora_r, lora_alpha=s.lora_alpha, target_modules=s.lora_targets, exclude_modules=["head"]
@@ -288,7 +294,8 @@ def _train_one(
         torch.manual_seed(s.seed)  # LoRA's A is drawn at attach time
         sk.attach_(model, _lora_config(s))
         params = sk.shift_parameters(model)
-    res = train(model, params, text_batches(texts, s.batch_size), None, tc, progress=progress, desc=desc)
+    batches = text_batches(texts, s.batch_size, by_length=s.by_length)
+    res = train(model, params, batches, None, tc, progress=progress, desc=desc)
     info = {"seconds": res.seconds, "steps": float(res.steps), "final_loss": res.losses[-1]}
     if kind == "full":
         tv = sk.task_vector(data.base_state, model)
@@ -309,10 +316,10 @@ def build_experts(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Experts:
-    """Train (or read from the cache) θ0's head and the 4 + 1 full and LoRA experts; sets ``data.base_state``.
+    """Train (or read from the cache) θ0's head and the 4 (+ 1 multi-task) experts; sets ``data.base_state``.
 
     Args:
-        data: from :func:`load_data`; ``data.model`` gets θ0's head.
+        data: from :func:`load_splits`; ``data.model`` gets θ0's head.
         cache_root: the cache folder (``<root>/merge-vader/<key>/``); ``None``: train, keep nothing.
         progress: tqdm bars (``None``: on a terminal only).
         log: receives one line per stage.
@@ -327,7 +334,7 @@ def build_experts(
     say = log or (lambda _m: None)
     s, model = data.settings, data.model
     folder = None if cache_root is None else cache_root / "merge-vader" / cache_key(s)
-    names = [*DOMAINS, "multi"]
+    names = [*DOMAINS, "multi"] if s.multi_task else list(DOMAINS)
 
     def stored(kind: str) -> bool:
         return folder is not None and all((folder / f"{kind}-{n}.safetensors").exists() for n in names)
@@ -379,7 +386,41 @@ def build_experts(
     return Experts(full, lora, ldelta, info, not trained, folder)
 
 
-def settings_from(base: dict[str, Any]) -> MergeVaderSettings:
-    """:class:`MergeVaderSettings` from a dict, ignoring unknown keys (for ``results.json`` round trips)."""
-    names = {f.name for f in dataclasses.fields(MergeVaderSettings)}
-    return MergeVaderSettings(**{k: v for k, v in base.items() if k in names})
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: dict[str, Batches]) -> dict[str, float]:
+    """Accuracy of ``model`` on each domain's batches.
+
+    Example:
+        >>> evaluate(data.model, data.test_batches)["tweets"]
+        0.87
+    """
+    return {dom: logits_accuracy(*predict(model, b)) for dom, b in batches.items()}
+
+
+def pooled(acc: dict[str, float], data: VaderSplits) -> float:
+    """Accuracy over every test sentence of every domain: a mixed-domain stream of the same sentences.
+
+    Example:
+        >>> pooled({"tweets": 0.9, "movies": 0.7}, data)  # equal test sizes: the mean
+        0.8
+    """
+    n = {d: len(data.test[d]) for d in acc}
+    return sum(acc[d] * n[d] for d in acc) / max(1, sum(n.values()))
+
+
+@contextmanager
+def with_delta(data: VaderSplits, delta: sk.Shift | None) -> Iterator[torch.nn.Module]:
+    """``data.model`` set to ``θ0 + delta`` for the block, θ0 again afterwards.
+
+    Example:
+        >>> with with_delta(data, merged) as model:
+        ...     acc = evaluate(model, data.val_batches)
+    """
+    model = data.model
+    model.load_state_dict(data.base_state)
+    try:
+        if delta is not None:
+            sk.apply_(model, delta)
+        yield model
+    finally:
+        model.load_state_dict(data.base_state)
