@@ -92,7 +92,7 @@ def test_model_stock_filter_wise_and_guards() -> None:
     assert torch.equal(zero["w"], torch.zeros(2))  # zero vector: cos = 0 → t = 0, no NaN
     opposite = model_stock_ratio([torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])])
     assert opposite.item() == 0.0  # singular 1 + (k−1)·cos = 0 → t = 0
-    with pytest.raises(ShiftkitError, match="at least 2"):
+    with pytest.raises(ShiftkitError, match="2 or more shifts, got 1"):
         sk.merge([delta(w=[1.0, 2.0])], method="model_stock")
     with pytest.raises(ShiftkitError, match="weights"):
         sk.merge([delta(w=[1.0]), delta(w=[2.0])], method="model_stock", weights=[2, 1])

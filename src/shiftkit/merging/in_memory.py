@@ -188,7 +188,11 @@ def merge(
     _check_params(spec, params)
     n = len(shifts) if isinstance(shifts, Sequence) and not isinstance(shifts, Shift) else 0
     if n and (n < spec.min_inputs or (spec.max_inputs is not None and n > spec.max_inputs)):
-        want = spec.min_inputs if spec.max_inputs == spec.min_inputs else f"{spec.min_inputs} or more"
+        want = (
+            f"exactly {spec.min_inputs}"
+            if spec.max_inputs == spec.min_inputs
+            else f"{spec.min_inputs} or more"
+        )
         if spec.max_inputs not in (None, spec.min_inputs):
             want = f"{spec.min_inputs} to {spec.max_inputs}"
         raise ShiftkitError(f"merge method {method!r} merges {want} shifts, got {n}")
