@@ -43,15 +43,6 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def mergekit() -> ModuleType:
-    for name in ("mergekit.config", "mergekit.merge", "mergekit.options", "mergekit.merge_methods.registry"):
-        importlib.import_module(name)
-    import mergekit as mk
-
-    return mk
-
-
-@pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A base and three fine-tunes (dense, sign-conflicting, sparse shifts) as HF folders."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -67,16 +67,6 @@ def _shift(tensors: dict[str, Tensor]) -> Shift:
 
 
 @pytest.fixture(scope="module")
-def mergekit() -> ModuleType:
-    """mergekit, imported lazily; an ImportError fails the tests (no skip: it is a dev dependency)."""
-    for name in ("mergekit.config", "mergekit.merge", "mergekit.options", "mergekit.sparsify"):
-        importlib.import_module(name)
-    import mergekit as mk
-
-    return mk
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Base + 3 fine-tunes saved as HF folders; their state dicts and task vectors read back from disk."""
     from transformers import LlamaConfig, LlamaForCausalLM
