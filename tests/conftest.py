@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from types import ModuleType
 
 import pytest
 import torch
@@ -34,3 +37,19 @@ def need_asset(name: str) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def mergekit() -> ModuleType:
+    """mergekit (the merging tests' oracle), submodules imported; an ImportError fails (a dev dependency)."""
+    for name in (
+        "mergekit.config",
+        "mergekit.merge",
+        "mergekit.options",
+        "mergekit.sparsify",
+        "mergekit.merge_methods.registry",
+    ):
+        importlib.import_module(name)
+    import mergekit as mk
+
+    return mk
