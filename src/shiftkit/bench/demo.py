@@ -418,9 +418,7 @@ def _adapt(s: DemoSettings, progress: bool | None, say: Callable[[str], None]) -
     from shiftkit.zoo import load_dataset
 
     say(f"adapt: training the Fashion-MNIST source model ({s.source.n_train} images)")
-    with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: same model in any run
-        torch.manual_seed(s.source.seed)
-        source, info = source_model(s.source, None, progress, say)
+    source, info = source_model(s.source, None, progress, say)
     _, _, xte, yte = load_dataset("fashion-mnist")
     idx = np.sort(np.random.default_rng(s.source.seed).permutation(len(yte))[: s.adapt_images])
     x, y = grey28_to_rgb32(xte[idx]), torch.as_tensor(yte[idx])

@@ -116,7 +116,8 @@ class SourceSettings:
         for name, default in (("batch_size", 128), ("lr", 1e-3), ("precise_bn", 0)):
             if fields[name] == default:
                 del fields[name]
-        blob = json.dumps({**fields, "version": 1}, sort_keys=True).encode()
+        # version 2: training seeds the global RNG (dropout); version-1 models depended on the process's state
+        blob = json.dumps({**fields, "version": 2}, sort_keys=True).encode()
         return f"{self.data}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
@@ -160,6 +161,15 @@ def clean_error(model: nn.Module, x: Tensor, y: Tensor, batch: int = 250) -> flo
 
 
 def _train(
+    s: SourceSettings, progress: bool | None, say: Callable[[str], None]
+) -> tuple[nn.Module, dict[str, Any]]:
+    with torch.random.fork_rng(devices=[]):
+        # dropout and drop-path draw from the global RNG: seeded here, the model is the same in every process
+        torch.manual_seed(s.seed)
+        return _train_seeded(s, progress, say)
+
+
+def _train_seeded(
     s: SourceSettings, progress: bool | None, say: Callable[[str], None]
 ) -> tuple[nn.Module, dict[str, Any]]:
     from tqdm.auto import tqdm
