@@ -23,14 +23,14 @@ The whole value chain of shiftkit in one run, one table per step:
   adapt  keep a Fashion-MNIST classifier accurate on a stream of corrupted images at test time
          (no adaptation, test-batch norm statistics, TENT)
 Writes <out>/results.json, <out>/report.html (with plots) and <out>/<method>.safetensors. About 4 minutes on
-2 CPU cores (--quick: about a minute); needs the offline assets (make assets).
+2 CPU cores (--quick: about 20 s); needs the offline assets (make assets).
 """
 
 EPILOG = """\
 examples:
   shiftkit demo
   shiftkit demo --out runs/demo --json runs/demo.json
-  shiftkit demo --quick --no-progress        # about a minute: every section on a few sentences and images
+  shiftkit demo --quick --no-progress        # about 20 s: every section on a few sentences and images
 """
 
 
