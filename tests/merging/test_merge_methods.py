@@ -43,6 +43,7 @@ def test_registry_lists_methods() -> None:
         "dare_ties",
         "linear",
         "model_stock",
+        "passthrough",
         "pcb",
         "slerp",
         "task_arithmetic",

@@ -57,9 +57,11 @@ def test_unknown_keys_name_the_allowed_ones(files: Path) -> None:
         resolve_recipe(_data(shiftkit={"shard": 1}))
 
 
-def test_slices_are_not_supported(files: Path) -> None:
-    with pytest.raises(ShiftkitError, match=r"slices.*models:"):
+def test_models_or_slices_not_both(files: Path) -> None:
+    with pytest.raises(ShiftkitError, match=r"exactly one of 'models:'.*'slices:'"):
         resolve_recipe(_data(slices=[{"sources": []}]))
+    with pytest.raises(ShiftkitError, match="modules:"):
+        resolve_recipe(_data(modules={}))
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
@@ -85,8 +87,9 @@ def test_bad_parameter_name_and_value(files: Path) -> None:
         resolve_recipe(bad)
     with pytest.raises(ShiftkitError, match="semantics"):
         resolve_recipe(_data(parameters={"semantics": "nope"}))
-    with pytest.raises(ShiftkitError, match="per-layer schedules"):
-        resolve_recipe(_data(parameters={"lambda": [0.1, 0.9]}))
+    with pytest.raises(ShiftkitError, match="neither a value, a gradient"):
+        resolve_recipe(_data(parameters={"lambda": {"filter": "mlp"}}))
+    assert resolve_recipe(_data(parameters={"lambda": [0.1, 0.9]})).settings["lambda"] == [0.1, 0.9]
     with pytest.raises(ShiftkitError, match="unknown dtype"):
         resolve_recipe(_data(dtype="int3"))
 

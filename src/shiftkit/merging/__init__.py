@@ -3,7 +3,7 @@
 * ``sk.merge(shifts, method=..., weights=..., **params)`` (:mod:`~shiftkit.merging.in_memory`): one file per
   method, each registering a :class:`~shiftkit.merging.registry.MergeSpec` — ``linear`` (soups),
   ``task_arithmetic``, ``ties`` (mergekit / paper / peft semantics), ``dare_linear``, ``dare_ties``,
-  ``slerp``, ``breadcrumbs``, ``breadcrumbs_ties``, ``model_stock``, ``pcb``, ``atlas``;
+  ``slerp``, ``breadcrumbs``, ``breadcrumbs_ties``, ``model_stock``, ``pcb``, ``atlas``, ``passthrough``;
   ``sk.list_merge_methods()`` lists them and ``sk.register_merge_method`` adds one (from any module).
   Shifts that define their changes alone (LoRA) merge exactly in ΔW space; ``sk.merge_lora`` returns a
   LoRA again (:mod:`~shiftkit.merging.lowrank`).
@@ -23,6 +23,7 @@ from shiftkit.merging import (  # noqa: F401
     dare,
     linear,
     model_stock,
+    passthrough,
     pcb,
     slerp,
     task_arithmetic,

@@ -61,6 +61,9 @@ class MergeSpec:
             (``ties``: ``density`` 1.0, no trim; ``sk.merge`` keeps the paper's 0.2).
         recipe_required: recipe keys mergekit requires (``"weight"``, ``"t"``): missing is an error.
         recipe_ignored: recipe parameters mergekit accepts without effect for this method.
+        per_input: parameters that may take one value per input (``fn`` then gets a list, in input order):
+            TIES's and DARE's ``density``, breadcrumbs' ``gamma``; a recipe may set them per model, and a
+            gradient or filter may make them differ. Every other parameter is one value per tensor.
         min_inputs: the fewest shifts the method merges (2 for ``slerp`` and ``model_stock``).
         max_inputs: the most (2 for ``slerp``), or ``None``.
         weighting: how the per-shift weights act: ``"normalized"`` (only their ratios matter: scaling them
@@ -87,6 +90,7 @@ class MergeSpec:
     recipe_defaults: Mapping[str, Any] = field(default_factory=dict)
     recipe_required: tuple[str, ...] = ()
     recipe_ignored: tuple[str, ...] = ()
+    per_input: tuple[str, ...] = ()
 
     @property
     def params(self) -> dict[str, Any]:
@@ -122,6 +126,7 @@ def register_merge_method(
     weighting: str = "linear",
     lossless: Mapping[str, Any] | None = None,
     drops_entries: bool = False,
+    per_input: tuple[str, ...] = (),
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator registering a merge function under ``name`` (from any module, yours included).
 
@@ -153,6 +158,7 @@ def register_merge_method(
                 weighting=weighting,
                 lossless=dict(lossless or {}),
                 drops_entries=drops_entries,
+                per_input=tuple(per_input),
             ),
         )
         return fn

@@ -32,17 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shiftkit.errors import ShiftkitError
+from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.registry import MergeSpec
-from shiftkit.merging.stream.checkpoints import (
-    Checkpoint,
-    KeyLayout,
-    ShardedWriter,
-    ShiftReader,
-    align_keys,
-    open_checkpoint,
-    parse_size,
-)
+from shiftkit.merging.stream.checkpoints import Checkpoint, ShardedWriter, open_checkpoint, parse_size
+from shiftkit.merging.stream.plan import Job
 from shiftkit.merging.stream.recipe import ResolvedRecipe, load_recipe
 
 __all__ = ["MergeSummary", "merge_recipe"]
@@ -100,35 +93,59 @@ class MergeSummary:
 
 def _multipass_for(recipe: ResolvedRecipe, spec: MergeSpec) -> Any:
     """The method's multi-pass computation for these parameters, or None when it is tensor-local."""
-    passes = spec.multipass(list(recipe.weights), **recipe.params) if spec.multipass is not None else None
-    if passes is not None and recipe.on_missing == "skip":
+    if spec.multipass is None:
+        return None
+    passes = spec.multipass(list(recipe.weights), **recipe.params)
+    if passes is None:
+        return None
+    if recipe.sliced or not recipe.constant:
+        raise ShiftkitError(
+            f"{spec.name!r} with these parameters needs whole-model statistics, which 'slices:', gradients "
+            "and filters do not have: give every parameter one value and list whole models"
+        )
+    if recipe.on_missing == "skip":
         raise ShiftkitError("on_missing='skip' is not supported with multi-pass methods; use 'zero'")
     return passes
 
 
-def _lean_kernel(recipe: ResolvedRecipe, spec: MergeSpec, passes: Any) -> Any:
-    """The method's in-place kernel for these parameters (``MergeSpec.kernel``), or None."""
-    if passes is not None or recipe.on_missing == "skip" or spec.kernel is None:
-        return None
-    return spec.kernel(recipe.params)
+class _Kernels:
+    """The method's in-place kernel per distinct parameter set (``MergeSpec.kernel``), or None."""
+
+    def __init__(self, recipe: ResolvedRecipe, spec: MergeSpec, passes: Any) -> None:
+        self.spec = spec
+        self.off = passes is not None or recipe.on_missing == "skip" or spec.kernel is None
+        self.cache: dict[str, Any] = {}
+
+    def get(self, params: dict[str, Any]) -> Any:
+        if self.off or any(isinstance(v, list) for v in params.values()):
+            return None
+        key = repr(sorted(params.items()))
+        if key not in self.cache:
+            assert self.spec.kernel is not None
+            self.cache[key] = self.spec.kernel(params)
+        return self.cache[key]
 
 
 def _merge_one(
     spec: MergeSpec,
     passes: Any,
-    recipe: ResolvedRecipe,
-    key: str,
+    job: Job,
     taus: list[Tensor],
     theta0: Tensor,
-    which: list[int],
+    weights: list[float],
+    params: dict[str, Any],
 ) -> Tensor:
+    key = job.out
     if passes is not None:
-        return passes.apply(key, taus, list(recipe.weights))
-    ts = [taus[i] for i in which] if len(which) < len(taus) else taus
-    ws = [recipe.weights[i] for i in which] if len(which) < len(taus) else list(recipe.weights)
+        return passes.apply(key, taus, list(weights))
+    which = job.present
+    ts = [taus[i] for i in which] if which is not None else taus
+    ws = [weights[i] for i in which] if which is not None else list(weights)
+    if which is not None:
+        params = {k: [v[i] for i in which] if isinstance(v, list) else v for k, v in params.items()}
     # weight-space methods (slerp, unnormalised linear) need θ0 itself; without a base θ0 = 0
-    extra = {"base": {key: theta0}} if spec.takes_base and recipe.base is not None else {}
-    merged = spec.fn([{key: t} for t in ts], ws, **recipe.params, **extra)[key]
+    extra = {"base": {key: theta0}} if spec.takes_base and job.base is not None else {}
+    merged = spec.fn([{key: t} for t in ts], ws, **params, **extra)[key]
     _check_finite(key, merged)
     return merged
 
@@ -141,27 +158,82 @@ def _check_finite(key: str, t: Tensor) -> None:
 
 def _out_dtype(recipe: ResolvedRecipe, ref: Checkpoint, key: str) -> torch.dtype:
     stored = ref.dtype(key)
-    if recipe.out_dtype is None or not stored.is_floating_point:
+    if not stored.is_floating_point:
         return stored
+    if recipe.out_dtype is None:
+        return stored if recipe.compute_dtype == "float32" else getattr(torch, recipe.compute_dtype)
     return getattr(torch, recipe.out_dtype)
 
 
-def _copy_extras(recipe: ResolvedRecipe, ref: Checkpoint, folder: Path, dtype: str | None) -> list[Path]:
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _out_config(
+    cfg: dict[str, Any], n_layers: int | None, origin: list[tuple[int, int]] | None, sources: list[Checkpoint]
+) -> dict[str, Any]:
+    """The donor's config with the output's layer count (``slices:`` recipes) and per-layer lists."""
+    if n_layers is None or origin is None:
+        return cfg
+    keys = [k for k in _LAYER_KEYS if k in cfg] or ["num_hidden_layers"]
+    old = cfg.get(keys[0])
+    for k in keys:
+        cfg[k] = n_layers
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list) and old is not None and len(layer_types) == old:
+        # per-layer attributes follow their source layer (each source's own config when it has them)
+        out = []
+        for ck_i, layer in origin:
+            src = sources[ck_i]
+            types = layer_types
+            if src.config_path is not None:
+                types = json.loads(src.config_path.read_text()).get("layer_types", layer_types)
+            out.append(types[layer] if layer < len(types) else layer_types[-1])
+        cfg["layer_types"] = out
+    return cfg
+
+
+def _donor(recipe: ResolvedRecipe, cks: list[Checkpoint], index: dict[Path, int]) -> Checkpoint:
+    """The checkpoint whose config and side files the output takes: the base, else the first input."""
+    if recipe.base is not None:
+        return cks[index[recipe.base]]
+    return cks[index[recipe.slices[0].inputs[0].model]]
+
+
+def _copy_extras(
+    recipe: ResolvedRecipe,
+    donor: Checkpoint,
+    folder: Path,
+    dtype: str | None,
+    layers: tuple[int | None, list[tuple[int, int]] | None],
+    cks: list[Checkpoint],
+    vocab_size: int | None = None,
+) -> list[Path]:
     written: list[Path] = []
-    if ref.config_path is not None:
-        cfg = json.loads(ref.config_path.read_text())
+    if donor.config_path is not None:
+        cfg = json.loads(donor.config_path.read_text())
         if dtype is not None:
             keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
             for k in keys:
                 cfg[k] = dtype
+        cfg = _out_config(cfg, layers[0], layers[1], cks)
+        if vocab_size is not None:
+            text_cfg = cfg.get("text_config") if "vocab_size" not in cfg else None
+            (text_cfg if isinstance(text_cfg, dict) else cfg)["vocab_size"] = vocab_size
         (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         written.append(folder / "config.json")
-        gen = ref.path / "generation_config.json"
+        gen = donor.path / "generation_config.json"
         if gen.exists():
             shutil.copyfile(gen, folder / gen.name)
             written.append(folder / gen.name)
-    src = recipe.tokenizer_source
-    if src is not None and src.is_dir():
+    return written
+
+
+def _copy_tokenizer(recipe: ResolvedRecipe, donor: Checkpoint, folder: Path) -> list[Path]:
+    """Tokenizer files copied as they are: the donor's (the base, else the first input) or a named model's."""
+    src_ref = recipe.tokenizer_source
+    src = donor.path if src_ref in (None, "base", "union") else src_ref
+    written: list[Path] = []
+    if isinstance(src, Path) and src.is_dir():
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, folder / name)
@@ -220,11 +292,15 @@ def merge_recipe(
         >>> s.tensors, s.bytes_written
     """
     from shiftkit.merging.registry import get_merge_method
+    from shiftkit.merging.stream.plan import plan_merge
+    from shiftkit.merging.stream.vocab import VocabMap, build_vocab
 
     t0 = time.perf_counter()
     r = recipe if isinstance(recipe, ResolvedRecipe) else load_recipe(recipe)
     out_path = Path(out).absolute()
     as_shift = out_path.suffix == ".safetensors"
+    if as_shift and r.sliced:
+        raise ShiftkitError("a 'slices:' recipe builds a model with its own layers: write it to a folder")
     if (out_path.exists() or out_path.is_symlink()) and not force and not dry_run:
         raise ShiftkitError(f"{out_path} already exists; pass force=True (--force) to replace it")
     if max_shard_size is not None:  # the override is what the saved resolved recipe records
@@ -232,15 +308,21 @@ def merge_recipe(
     shard_size = r.max_shard_size
     spec = get_merge_method(r.method)
     passes = _multipass_for(r, spec)
+    paths = list(dict.fromkeys([*([r.base] if r.base is not None else []), *_all_paths(r)]))
     with ExitStack() as stack:
-        base = stack.enter_context(open_checkpoint(r.base)) if r.base is not None else None
-        models = [stack.enter_context(open_checkpoint(p)) for p in r.models]
+        cks = [stack.enter_context(open_checkpoint(p)) for p in paths]
+        index = {p: i for i, p in enumerate(paths)}
+        base = cks[index[r.base]] if r.base is not None else None
+        models = [cks[index[p]] for p in r.models]
         if base is None and any(m.is_shift for m in models):
             raise ShiftkitError("shift-file inputs need 'base_model:' (a shift is relative to a base)")
         if base is not None and base.is_shift:
             raise ShiftkitError(f"base_model {base.path} is a shift file; the base must be a model")
-        lay = align_keys(base, models, r.on_missing)
-        ref = lay.ref
+        jobs, origin = plan_merge(r, cks, index)
+        vocab: VocabMap | None = None
+        if not as_shift and r.tokenizer_source is not None:
+            vocab = build_vocab(r, cks, index, jobs)
+        merged_jobs = [j for j in jobs if not j.copy]
         summary = MergeSummary(
             method=r.method,
             params=dict(r.params),
@@ -252,15 +334,25 @@ def merge_recipe(
                     "tensors": len(c.keys()),
                     "bytes": c.nbytes,
                 }
-                for role, c in ([("base", base)] if base is not None else []) + [("model", m) for m in models]
+                for role, c in ([("base", base)] if base is not None else [])
+                + [("model", cks[index[p]]) for p in paths if p != r.base]
             ],
-            tensors=len(lay.merged),
-            copied=0 if as_shift else len(lay.copied),
+            tensors=len(merged_jobs),
+            copied=0 if as_shift else len(jobs) - len(merged_jobs),
             passes=(passes.n_passes if passes is not None else 0) + 1,
             dry_run=dry_run,
         )
-        keys = sorted(lay.merged) if as_shift else sorted(lay.merged + lay.copied)
-        entries = [(k, tuple(ref.shape(k) or ()), _out_dtype(r, ref, k)) for k in keys]
+        todo = merged_jobs if as_shift else jobs
+        if as_shift:
+            todo = sorted(todo, key=lambda j: j.out)
+        entries = [
+            (
+                j.out,
+                vocab.shape(j) if vocab is not None else tuple(cks[j.ref[0]].shape(j.ref[1]) or ()),
+                _out_dtype(r, cks[j.ref[0]], j.ref[1]),
+            )
+            for j in todo
+        ]
         summary.parameters = sum(int(torch.Size(s).numel()) for _, s, _ in entries)
         if dry_run:
             summary.outputs = _planned_outputs(out_path, entries, shard_size, as_shift)
@@ -277,7 +369,7 @@ def merge_recipe(
                 torch.set_num_threads(1)
             try:
                 written = _run(
-                    r, spec, passes, lay, base, models, entries, tmp, shard_size, as_shift, progress, device
+                    r, spec, passes, cks, todo, entries, tmp, shard_size, as_shift, progress, device, vocab
                 )
             finally:
                 torch.set_num_threads(threads)
@@ -292,7 +384,14 @@ def merge_recipe(
                 summary.outputs = [str(out_path), str(side)]
             else:
                 (tmp / "shiftkit_merge.yaml").write_text(r.to_yaml())
-                written.extend(_copy_extras(r, ref, tmp, r.out_dtype))
+                donor = _donor(r, cks, index)
+                n_layers = None if origin is None else len(origin)
+                size = None if vocab is None else vocab.size
+                written.extend(_copy_extras(r, donor, tmp, r.out_dtype, (n_layers, origin), cks, size))
+                if vocab is not None:
+                    written.extend(vocab.save_tokenizer(tmp))
+                else:
+                    written.extend(_copy_tokenizer(r, donor, tmp))
                 os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; a model folder is readable like any other
                 _finalise(tmp, out_path, force)
                 summary.outputs = sorted(
@@ -305,12 +404,21 @@ def merge_recipe(
     return summary
 
 
+def _all_paths(r: ResolvedRecipe) -> list[Path]:
+    out: list[Path] = []
+    for sl in r.slices:
+        if sl.base is not None:
+            out.append(sl.base.model)
+        out.extend(i.model for i in sl.inputs)
+    return out
+
+
 #: prefetch the next tensor's inputs only up to this many elements (32 MiB in float32 per input), so the
 #: read-ahead overlaps I/O with compute but never doubles the memory of the largest tensors
 _PREFETCH_MAX = 1 << 23
 
 
-def _prefetched(keys: list[str], load: Any, numel: Any) -> Any:
+def _prefetched(keys: list[Any], load: Any, numel: Any) -> Any:
     """Yield ``(key, load(key))`` while a worker thread reads the next key's inputs (I/O releases the GIL)."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -342,45 +450,85 @@ def _run(
     r: ResolvedRecipe,
     spec: MergeSpec,
     passes: Any,
-    lay: KeyLayout,
-    base: Checkpoint | None,
-    models: list[Checkpoint],
+    cks: list[Checkpoint],
+    jobs: list[Job],
     entries: list[tuple[str, tuple[int, ...], torch.dtype]],
     tmp: Path,
     shard_size: int,
     as_shift: bool,
     progress: bool,
     device: str | torch.device,
+    vocab: Any,
 ) -> list[Path]:
     from tqdm.auto import tqdm
 
+    from shiftkit.merging.stream.recipe import check_params
+
     dev = torch.device(device)
-    reader = ShiftReader(base, models, dev)
-    weights = list(r.weights)
+    compute = getattr(torch, r.compute_dtype)
     n_passes = passes.n_passes if passes is not None else 0
-    merged = set(lay.merged)
-    lean = _lean_kernel(r, spec, passes)
+    kernels = _Kernels(r, spec, passes)
+    checked: set[str] = set()
+    by_out = {j.out: j for j in jobs}
+    merged_jobs = [j for j in jobs if not j.copy]
+    out_dtypes = {k: d for k, _, d in entries}
 
-    def _load(k: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple[Tensor, list]:
-        if k not in merged:  # copied from the base as it is (cast to the output dtype)
-            return lay.ref.read(k, dtype), []
-        theta0 = reader.theta0(k, shape)
-        return theta0, reader.taus(k, theta0, lay.present[k])
+    def _load(job: Job) -> tuple[Tensor, list[Tensor]]:
+        if job.copy:  # copied as it is (cast to the output dtype)
+            return cks[job.ref[0]].read(job.ref[1], out_dtypes.get(job.out)), []
+        wanted = ([job.base] if job.base is not None else []) + [
+            (ck_i, name)
+            for n, (ck_i, name) in enumerate(job.inputs)
+            if (job.present is None or n in job.present) and name in cks[ck_i]
+        ]
+        raw = {src: cks[src[0]].read(src[1], compute).to(dev) for src in dict.fromkeys(wanted)}
+        if vocab is not None and vocab.is_vocab(job):  # rows rebuilt for the output vocabulary
+            models = [src for src in raw if not cks[src[0]].is_shift]
+            rebuilt = vocab.rebuild(job, {src[0]: raw[src] for src in models})
+            raw.update({src: rebuilt[src[0]] for src in models})
+        if job.base is not None:
+            theta0 = raw[job.base]
+        else:
+            shape = vocab.shape(job) if vocab is not None else cks[job.ref[0]].shape(job.ref[1])
+            theta0 = torch.zeros(tuple(shape or ()), dtype=compute, device=dev)
+        taus: list[Tensor] = []
+        for ck_i, name in job.inputs:
+            ck = cks[ck_i]
+            if (ck_i, name) not in raw:
+                taus.append(torch.zeros_like(theta0))
+            elif job.base is not None and (ck_i, name) == job.base:
+                taus.append(torch.zeros_like(theta0))  # the base as one of the inputs: τ = 0
+            elif ck.is_shift:
+                tau = raw[(ck_i, name)]
+                if tuple(tau.shape) != tuple(theta0.shape):
+                    raise ShiftMismatchError(
+                        f"{ck.path}: {name} has shape {tuple(tau.shape)}, base {theta0.shape}"
+                    )
+                taus.append(tau)
+            else:
+                taus.append(raw[(ck_i, name)].clone().sub_(theta0))
+            # one reduction per tensor (not an elementwise mask): NaN/Inf make the sum non-finite
+            if not bool(torch.isfinite(taus[-1].sum())) and not bool(torch.isfinite(taus[-1]).all()):
+                raise ShiftkitError(f"{ck.path}: tensor {name!r} (or the base's) has NaN or Inf")
+        return theta0, taus
 
-    def _merge_key(k: str, theta0: Tensor, taus: list[Tensor]) -> Tensor:
+    def _merge_job(job: Job, theta0: Tensor, taus: list[Tensor]) -> Tensor:
+        weights, params = r.tensor_params(job.slice, job.out, job.t)
+        check_params(spec, weights, params, checked)
+        lean = kernels.get(params) if job.present is None else None
         if lean is not None:
             res = torch.zeros_like(theta0) if as_shift else theta0
-            lean(res, taus, weights, k)
-            _check_finite(k, res)
+            lean(res, taus, weights, job.out)
+            _check_finite(job.out, res)
             return res
-        tau = _merge_one(spec, passes, r, k, taus, theta0, lay.present[k])
-        return tau if as_shift else theta0.add_(tau)
+        tau = _merge_one(spec, passes, job, taus, theta0, weights, params)
+        return tau if as_shift else theta0.add_(tau.to(theta0.dtype))
 
-    def _numel(k: str) -> int:
-        return int(torch.Size(lay.ref.shape(k) or ()).numel())
+    def _numel(job: Job) -> int:
+        return int(torch.Size(cks[job.ref[0]].shape(job.ref[1]) or ()).numel())
 
     bar = tqdm(
-        total=len(lay.merged) * n_passes + len(entries),
+        total=len(merged_jobs) * n_passes + len(entries),
         desc=f"merge {r.method}",
         unit="tensor",
         disable=not progress,
@@ -388,10 +536,10 @@ def _run(
     )
     with torch.no_grad(), bar:
         for p in range(n_passes):
-            observed = _prefetched(lay.merged, lambda k: _load(k, tuple(lay.ref.shape(k) or ())), _numel)
+            observed = _prefetched(merged_jobs, _load, _numel)
             with closing(observed):  # closing: stop the read-ahead thread on errors too
-                for k, (_, taus) in observed:
-                    passes.observe(p, k, taus, weights)
+                for job, (_, taus) in observed:
+                    passes.observe(p, job.out, taus, r.weights)
                     bar.update(1)
             passes.end_pass(p)
         if as_shift:
@@ -411,14 +559,14 @@ def _run(
         else:
             writer = ShardedWriter(tmp, entries, shard_size, {})
         try:
-            shapes = {k: (shape, dtype) for k, shape, dtype in entries}
-            items = _prefetched([k for k, _, _ in entries], lambda k: _load(k, *shapes[k]), _numel)
+            items = _prefetched([by_out[k] for k, _, _ in entries], _load, _numel)
             with closing(items):
-                for k, (theta0, taus) in items:
-                    if k in merged:
-                        writer.write(k, _merge_key(k, theta0, taus).to(device="cpu", dtype=shapes[k][1]))
+                for job, (theta0, taus) in items:
+                    if job.copy:
+                        writer.write(job.out, theta0)
                     else:
-                        writer.write(k, theta0)
+                        merged = _merge_job(job, theta0, taus)
+                        writer.write(job.out, merged.to(device="cpu", dtype=out_dtypes[job.out]))
                     del theta0, taus  # before the next read: peak memory is one tensor's inputs, not two
                     bar.update(1)
             return writer.finish()
