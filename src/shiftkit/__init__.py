@@ -63,6 +63,8 @@ _API: dict[str, str] = {
     "merge_recipe": "shiftkit.merging.stream.runner",
     "MergeSummary": "shiftkit.merging.stream.runner",
     "merge_lora": "shiftkit.merging.lowrank",
+    "extract_lora": "shiftkit.merging.stream.extract_lora",
+    "LoraExtractSummary": "shiftkit.merging.stream.extract_lora",
     "lora_to_delta": "shiftkit.merging.lowrank",
     "LoraMergeResult": "shiftkit.merging.lowrank",
     "learn_atlas": "shiftkit.merging.atlas.method",
@@ -141,6 +143,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from shiftkit.merging.routing.attach import attach_router_, detach_router_, train_router
     from shiftkit.merging.routing.pool import ShiftPool
     from shiftkit.merging.routing.routers import KeyQueryRouter, LearnedRouter
+    from shiftkit.merging.stream.extract_lora import LoraExtractSummary, extract_lora
     from shiftkit.merging.stream.runner import MergeSummary, merge_recipe
     from shiftkit.methods.adapter import AdapterConfig
     from shiftkit.methods.bitfit import BitFitConfig

@@ -95,9 +95,12 @@ def test_bad_parameter_name_and_value(files: Path) -> None:
 
 
 def test_per_model_parameters(files: Path) -> None:
+    mixed = _data()
+    mixed["models"][1]["parameters"]["density"] = 0.7  # TIES's density is per model (mergekit: NON_BASE)
+    assert resolve_recipe(mixed).params["density"] == [0.5, 0.7]
     bad = _data()
-    bad["models"][1]["parameters"]["density"] = 0.7
-    with pytest.raises(ShiftkitError, match=r"per-model values of 'density'.*not supported for 'ties'"):
+    bad["models"][1]["parameters"]["lambda"] = 0.7  # λ is one value for the whole merge
+    with pytest.raises(ShiftkitError, match=r"per-model values of 'lambda_'.*not supported for 'ties'"):
         resolve_recipe(bad)
     ok = _data(parameters={"density": 0.9})  # per-model values win over the global one, as in mergekit
     assert resolve_recipe(ok).params["density"] == 0.5

@@ -227,7 +227,7 @@ _NAMES = {"lambda": "lambda_"}
 _VALUES = {"rescale": lambda v: "l1" if v else "none"}
 _IGNORED_EVERYWHERE = {"int8_mask"}  # a memory switch without effect on results
 # methods whose mergekit task reads the base model's tensor as one of the merged values
-BASE_IS_INPUT = {"linear", "slerp", "passthrough"}
+BASE_IS_INPUT = {"linear", "slerp", "passthrough", "arcee_fusion", "nearswap", "karcher"}
 
 
 def test_every_spec_matches_mergekits_parameter_specs(mergekit: ModuleType) -> None:
@@ -255,6 +255,15 @@ def test_every_spec_matches_mergekits_parameter_specs(mergekit: ModuleType) -> N
                     f"{name}.{p.name}: {spec.recipe_default(ours)} vs {want}"
                 )
         assert spec.base_is_input == (name in BASE_IS_INPUT), name
+        # per-model parameters (mergekit's INPUT / NON_BASE scope) take one value per input here too
+        per_model = {
+            _NAMES.get(p.name, p.name)
+            for p in theirs[name].parameters
+            if str(getattr(p.scope, "value", p.scope)) != "shared"
+            and p.name != "weight"
+            and p.name not in spec.recipe_ignored
+        }
+        assert set(spec.per_input) == per_model, f"{name}: per-model parameters {sorted(per_model)}"
 
 
 # --- precision of whole-tensor reductions -------------------------------------------------------------

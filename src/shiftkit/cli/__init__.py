@@ -14,7 +14,17 @@ import sys
 from collections.abc import Sequence
 
 # name -> module; order is the order shown by --help
-SUBCOMMANDS: tuple[str, ...] = ("learn", "fold", "merge", "adapt", "inspect", "bench", "zoo", "demo")
+SUBCOMMANDS: tuple[str, ...] = (
+    "learn",
+    "fold",
+    "merge",
+    "extract_lora",  # the command is "extract-lora"
+    "adapt",
+    "inspect",
+    "bench",
+    "zoo",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    module = importlib.import_module(f"shiftkit.cli.{args.command}")
+    module = importlib.import_module(f"shiftkit.cli.{args.command.replace('-', '_')}")
     from shiftkit.errors import ShiftkitError
 
     try:

@@ -3,7 +3,9 @@
 * ``sk.merge(shifts, method=..., weights=..., **params)`` (:mod:`~shiftkit.merging.in_memory`): one file per
   method, each registering a :class:`~shiftkit.merging.registry.MergeSpec` — ``linear`` (soups),
   ``task_arithmetic``, ``ties`` (mergekit / paper / peft semantics), ``dare_linear``, ``dare_ties``,
-  ``slerp``, ``breadcrumbs``, ``breadcrumbs_ties``, ``model_stock``, ``pcb``, ``atlas``, ``passthrough``;
+  ``della``, ``della_linear``, ``sce``, ``slerp``, ``breadcrumbs``, ``breadcrumbs_ties``, ``model_stock``,
+  ``pcb``, ``atlas``, ``passthrough``,
+  ``arcee_fusion``, ``nearswap``, ``ram``, ``nuslerp``, ``multislerp``, ``karcher``;
   ``sk.list_merge_methods()`` lists them and ``sk.register_merge_method`` adds one (from any module).
   Shifts that define their changes alone (LoRA) merge exactly in ΔW space; ``sk.merge_lora`` returns a
   LoRA again (:mod:`~shiftkit.merging.lowrank`).
@@ -18,13 +20,21 @@ from __future__ import annotations
 
 # one import per built-in method: importing the module registers it
 from shiftkit.merging import (  # noqa: F401
+    arcee_fusion,
     atlas,
     breadcrumbs,
     dare,
+    della,
+    karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     passthrough,
     pcb,
+    ram,
+    sce,
     slerp,
     task_arithmetic,
     ties,

@@ -19,6 +19,8 @@ tensor back to its L1 norm (mergekit's ``rescale: true``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -26,7 +28,7 @@ from shiftkit.core.functional import topk_mask
 from shiftkit.errors import ShiftkitError
 from shiftkit.merging.consensus import ties_disjoint_merge
 from shiftkit.merging.registry import register_merge
-from shiftkit.merging.sparsify import rescale_pruned
+from shiftkit.merging.sparsify import per_input, rescale_pruned
 from shiftkit.merging.task_arithmetic import task_arithmetic
 
 __all__ = ["breadcrumbs", "breadcrumbs_mask", "breadcrumbs_ties"]
@@ -62,38 +64,45 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
     return topk_mask(x, top + k) & ~topk_mask(x, top)
 
 
-def _check(density: float, gamma: float) -> None:
-    if density < 0:
-        raise ShiftkitError(f"breadcrumbs density must be >= 0, got {density}")
-    if not 0.0 <= gamma <= 1.0:
-        raise ShiftkitError(f"breadcrumbs gamma must be in [0, 1], got {gamma}")
-
-
 def _masked(
-    tensors: list[dict[str, Tensor]], density: float, gamma: float, rescale: str
+    tensors: list[dict[str, Tensor]],
+    density: float | Sequence[float],
+    gamma: float | Sequence[float],
+    rescale: str,
 ) -> list[dict[str, Tensor]]:
-    if density >= 1.0:  # mergekit: no masking, so nothing to rescale either
-        return tensors
-    return [
-        {
-            k: rescale_pruned(
-                v, torch.where(breadcrumbs_mask(v, density, gamma), v, torch.zeros_like(v)), rescale
-            )
-            for k, v in t.items()
-        }
-        for t in tensors
-    ]
+    densities = per_input(density, len(tensors), "breadcrumbs density")
+    gammas = per_input(gamma, len(tensors), "breadcrumbs gamma")
+    if any(d < 0 for d in densities):
+        raise ShiftkitError(f"breadcrumbs density must be >= 0, got {density}")
+    if not all(0.0 <= g <= 1.0 for g in gammas):
+        raise ShiftkitError(f"breadcrumbs gamma must be in [0, 1], got {gamma}")
+    out = []
+    for t, d, g in zip(tensors, densities, gammas):
+        if d >= 1.0:  # mergekit: no masking, so nothing to rescale either
+            out.append(t)
+            continue
+        out.append(
+            {
+                k: rescale_pruned(v, torch.where(breadcrumbs_mask(v, d, g), v, torch.zeros_like(v)), rescale)
+                for k, v in t.items()
+            }
+        )
+    return out
 
 
 @register_merge(
-    "breadcrumbs", recipe_defaults={"density": 1.0}, recipe_required=("weight",), lossless={"density": 1.0}
+    "breadcrumbs",
+    recipe_defaults={"density": 1.0},
+    recipe_required=("weight",),
+    lossless={"density": 1.0},
+    per_input=("density", "gamma"),
 )
 def breadcrumbs(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
     *,
-    density: float = DEFAULT_DENSITY,
-    gamma: float = DEFAULT_GAMMA,
+    density: float | Sequence[float] = DEFAULT_DENSITY,
+    gamma: float | Sequence[float] = DEFAULT_GAMMA,
     lambda_: float = 1.0,
     normalize: bool = False,
     rescale: str = "none",
@@ -104,8 +113,9 @@ def breadcrumbs(
         tensors: T aligned float32 tensor dicts (any shapes, equal across t).
         weights: T weights.
         density: fraction of each tensor kept after the outlier drop (default 0.9, see module note;
-            recipes: mergekit's 1.0, no masking).
-        gamma: fraction of largest magnitudes dropped as outliers (default 0.01, mergekit's default).
+            recipes: mergekit's 1.0, no masking), or one per shift.
+        gamma: fraction of largest magnitudes dropped as outliers (default 0.01, mergekit's default), or
+            one per shift.
         lambda_: global scale λ (default 1.0, as mergekit).
         normalize: divide by ``Σ_t w_t`` (default False, as mergekit's ``breadcrumbs``).
         rescale: ``"l1"`` scales each masked tensor back to its L1 norm; ``"none"`` (default, as mergekit).
@@ -118,7 +128,6 @@ def breadcrumbs(
         >>> weighted = sk.merge([tv1, tv2], method="breadcrumbs", weights=[0.7, 0.3])
         >>> sk.apply_(base, merged)
     """
-    _check(density, gamma)
     masked = _masked(tensors, density, gamma, rescale)
     return task_arithmetic(masked, weights, lambda_=lambda_, normalize=normalize)
 
@@ -128,13 +137,14 @@ def breadcrumbs(
     recipe_defaults={"density": 1.0},
     recipe_required=("weight",),
     lossless={"density": 1.0},
+    per_input=("density", "gamma"),
 )
 def breadcrumbs_ties(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
     *,
-    density: float = DEFAULT_DENSITY,
-    gamma: float = DEFAULT_GAMMA,
+    density: float | Sequence[float] = DEFAULT_DENSITY,
+    gamma: float | Sequence[float] = DEFAULT_GAMMA,
     lambda_: float = 1.0,
     consensus: str = "sum",
     normalize: bool = False,
@@ -157,7 +167,6 @@ def breadcrumbs_ties(
         >>> mean = sk.merge([tv1, tv2], method="breadcrumbs_ties", normalize=True)
         >>> sk.apply_(base, merged)
     """
-    _check(density, gamma)
     mixed = ties_disjoint_merge(
         _masked(tensors, density, gamma, rescale),
         weights,

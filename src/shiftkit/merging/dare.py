@@ -10,12 +10,14 @@ results do not depend on key order. ``density = 0`` gives zeros, ``density >= 1`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
 from shiftkit.merging.consensus import ties_disjoint_merge
 from shiftkit.merging.registry import register_merge
-from shiftkit.merging.sparsify import dare_keep_mask, dare_rescale, key_seed
+from shiftkit.merging.sparsify import dare_keep_mask, dare_rescale, key_seed, per_input
 from shiftkit.merging.stream.kernels import dare_ties_kernel
 from shiftkit.merging.task_arithmetic import task_arithmetic
 
@@ -23,13 +25,13 @@ __all__ = ["dare_drop", "dare_linear", "dare_ties"]
 
 
 def dare_drop(
-    tensors: list[dict[str, Tensor]], *, density: float, rescale: str, seed: int
+    tensors: list[dict[str, Tensor]], *, density: float | Sequence[float], rescale: str, seed: int
 ) -> list[dict[str, Tensor]]:
     """Randomly drop and rescale every tensor of every shift.
 
     Args:
         tensors: T dicts of float32 tensors (any shapes).
-        density: keep probability ``1 − p`` in [0, 1].
+        density: keep probability ``1 − p`` in [0, 1], or one per shift.
         rescale: ``"l1"``, ``"inverse"`` or ``"none"``.
         seed: base seed; tensor ``key`` of shift ``t`` uses ``key_seed(seed, key, t)``.
 
@@ -41,14 +43,16 @@ def dare_drop(
         >>> set(out[0]["w"].unique().tolist()) <= {0.0, 2.0}
         True
     """
-    if density < 0.0:
+    densities = per_input(density, len(tensors), "DARE density")
+    if any(d < 0.0 for d in densities):
         raise ShiftkitError(f"DARE density must be >= 0, got {density}")
     if rescale not in ("l1", "inverse", "none"):
         raise ShiftkitError(f"unknown rescale {rescale!r}; use 'l1', 'inverse' or 'none'")
-    if density >= 1.0:
-        return [dict(t) for t in tensors]
     out: list[dict[str, Tensor]] = []
-    for i, shift in enumerate(tensors):
+    for i, (shift, density) in enumerate(zip(tensors, densities)):
+        if density >= 1.0:
+            out.append(dict(shift))
+            continue
         dropped: dict[str, Tensor] = {}
         for k, v in shift.items():
             if density == 0.0:
@@ -61,13 +65,17 @@ def dare_drop(
 
 
 @register_merge(
-    "dare_linear", recipe_defaults={"density": 1.0}, recipe_required=("weight",), lossless={"density": 1.0}
+    "dare_linear",
+    recipe_defaults={"density": 1.0},
+    recipe_required=("weight",),
+    lossless={"density": 1.0},
+    per_input=("density",),
 )
 def dare_linear(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
     *,
-    density: float = 0.1,
+    density: float | Sequence[float] = 0.1,
     rescale: str = "l1",
     seed: int = 0,
     lambda_: float = 1.0,
@@ -100,12 +108,13 @@ def dare_linear(
     recipe_required=("weight",),
     kernel=dare_ties_kernel,
     lossless={"density": 1.0},
+    per_input=("density",),
 )
 def dare_ties(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
     *,
-    density: float = 0.1,
+    density: float | Sequence[float] = 0.1,
     rescale: str = "l1",
     seed: int = 0,
     semantics: str = "mergekit",

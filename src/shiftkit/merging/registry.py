@@ -185,7 +185,8 @@ def list_merge_methods() -> list[str]:
 
     Example:
         >>> sk.list_merge_methods()
-        ['atlas', 'breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'linear', 'model_stock',
-         'pcb', 'slerp', 'task_arithmetic', 'ties']
+        ['arcee_fusion', 'atlas', 'breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'della',
+         'della_linear', 'karcher', 'linear', 'model_stock', 'multislerp', 'nearswap', 'nuslerp',
+         'passthrough', 'pcb', 'ram', 'sce', 'slerp', 'task_arithmetic', 'ties']
     """
     return MERGE_METHODS.names()

@@ -21,9 +21,30 @@ __all__ = [
     "dare_rescale",
     "key_seed",
     "l1_rescaled",
+    "per_input",
     "rescale_pruned",
     "topk_magnitude",
 ]
+
+
+def per_input(value: float | Sequence[float], n: int, name: str) -> list[float]:
+    """One value of parameter ``name`` per input: a scalar repeated ``n`` times, or a list of length ``n``.
+
+    A recipe may set a per-model parameter (mergekit's ``density``, ``gamma``, ``epsilon``) differently for
+    each model; the merge function then receives a list in input order.
+
+    Example:
+        >>> per_input(0.5, 3, "density")
+        [0.5, 0.5, 0.5]
+        >>> per_input([0.2, 0.8], 2, "density")
+        [0.2, 0.8]
+    """
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise ShiftkitError(f"{name} has {len(values)} values for {n} inputs: give one, or one per input")
+    return values
 
 
 def topk_magnitude(x: Tensor, density: float, min_keep: int = 0) -> Tensor:

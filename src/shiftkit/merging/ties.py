@@ -23,6 +23,8 @@ tensor-local. Its output equals the in-memory merge bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -30,7 +32,7 @@ from shiftkit.core.functional import kth_smallest
 from shiftkit.errors import ShiftkitError
 from shiftkit.merging.consensus import SEMANTICS, elected_sign_sum, ties_disjoint_merge
 from shiftkit.merging.registry import register_merge
-from shiftkit.merging.sparsify import rescale_pruned, topk_magnitude
+from shiftkit.merging.sparsify import per_input, rescale_pruned, topk_magnitude
 from shiftkit.merging.stream.kernels import ties_kernel
 from shiftkit.merging.stream.multipass import register_multipass
 from shiftkit.merging.stream.order_stats import OrderStatistics
@@ -74,12 +76,13 @@ def paper_trim(task: dict[str, Tensor], density: float) -> dict[str, Tensor]:
     kernel=ties_kernel,
     weighting="normalized",
     lossless={"density": 1.0},
+    per_input=("density",),
 )
 def ties(
     tensors: list[dict[str, Tensor]],
     weights: list[float],
     *,
-    density: float = 0.2,
+    density: float | Sequence[float] = 0.2,
     semantics: str = "mergekit",
     lambda_: float = 1.0,
     consensus: str = "sum",
@@ -92,8 +95,8 @@ def ties(
     Args:
         tensors: T aligned float32 tensor dicts (any shapes, equal across t).
         weights: T weights (``semantics="paper"`` accepts only all-ones: the original has none).
-        density: fraction of entries kept by the trim (default 0.2, the paper's top-20 %). A recipe
-            (``shiftkit merge``) that omits it gets mergekit's default 1.0, no trim.
+        density: fraction of entries kept by the trim (default 0.2, the paper's top-20 %), or one per
+            shift. A recipe (``shiftkit merge``) that omits it gets mergekit's default 1.0, no trim.
         semantics: ``"mergekit"``, ``"paper"`` or ``"peft"`` (see module docstring).
         lambda_: final scale λ (default 1, the paper's recommendation without validation data).
         consensus: ``"sum"`` (alias ``"total"``) or ``"count"`` (alias ``"frequency"``).
@@ -113,20 +116,23 @@ def ties(
     """
     if semantics not in SEMANTICS:
         raise ShiftkitError(f"unknown TIES semantics {semantics!r}; use one of {list(SEMANTICS)}")
-    if density < 0:
+    densities = per_input(density, len(tensors), "TIES density")
+    if any(d < 0 for d in densities):
         raise ShiftkitError(f"TIES density must be >= 0, got {density}")
     if semantics == "paper":
         if any(w != 1.0 for w in weights):
             raise ShiftkitError("TIES semantics='paper' has no per-task weights; use lambda_ or 'mergekit'")
-        pruned = [paper_trim(t, density) for t in tensors]
+        pruned = [paper_trim(t, d) for t, d in zip(tensors, densities)]
     else:
         least = 1 if semantics == "mergekit" else 0  # mergekit keeps >= 1 entry per tensor; peft may keep 0
-        pruned = [{k: topk_magnitude(v, density, least) for k, v in t.items()} for t in tensors]
+        pruned = [{k: topk_magnitude(v, d, least) for k, v in t.items()} for t, d in zip(tensors, densities)]
     if rescale != "none":
         if semantics != "mergekit":
             raise ShiftkitError(f"TIES rescale={rescale!r} is a mergekit option: use semantics='mergekit'")
-        if density < 1.0:
-            pruned = [{k: rescale_pruned(t[k], p[k], rescale) for k in t} for t, p in zip(tensors, pruned)]
+        pruned = [
+            {k: rescale_pruned(t[k], p[k], rescale) for k in t} if d < 1.0 else p
+            for t, p, d in zip(tensors, pruned, densities)
+        ]
     if zero_sign is None:
         zero_sign = "global_majority" if semantics == "paper" else "positive"
     mixed = ties_disjoint_merge(
@@ -210,7 +216,7 @@ class TiesPaperPasses:
 def ties_multipass(
     weights: list[float],
     *,
-    density: float = 0.2,
+    density: float | Sequence[float] = 0.2,
     semantics: str = "mergekit",
     lambda_: float = 1.0,
     consensus: str = "sum",
@@ -241,6 +247,11 @@ def ties_multipass(
                 "zero_sign='positive'"
             )
         return None
+    if not isinstance(density, (int, float)):
+        raise ShiftkitError(
+            "TIES semantics='paper' in a streaming merge takes one density for every model, got "
+            f"{list(density)}: merge in memory (sk.merge) for per-model densities"
+        )
     if rescale != "none":
         raise ShiftkitError(f"TIES rescale={rescale!r} is a mergekit option: use semantics='mergekit'")
     if density < 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -329,11 +330,19 @@ def _refuse_untying(ref: Checkpoint, extra: dict[str, list[str]]) -> None:
     )
 
 
-def align_keys(base: Checkpoint | None, models: list[Checkpoint], on_missing: str) -> KeyLayout:
+#: tensors with one row per token: with a ``tokenizer_source`` their row counts may differ between inputs
+VOCAB_TENSOR = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out|output)\.weight$")
+
+
+def align_keys(
+    base: Checkpoint | None, models: list[Checkpoint], on_missing: str, vocab_rows: bool = False
+) -> KeyLayout:
     """Align the inputs' tensor names: merged keys, keys copied from the base, participating models per key.
 
     Non-floating tensors and tensors only the base has are copied. A floating tensor some (not all) models
     lack raises with ``on_missing="error"``; a shift file lacking one means "no change" (a zero shift).
+    With ``vocab_rows`` (a recipe with a ``tokenizer_source``) the embedding and head matrices
+    (:data:`VOCAB_TENSOR`) may have different row counts: their rows are mapped by token later.
 
     Raises:
         ShiftMismatchError: a model has a tensor the base lacks, a shape differs, or (``"error"``) a tensor
@@ -357,6 +366,8 @@ def align_keys(base: Checkpoint | None, models: list[Checkpoint], on_missing: st
         for k in keys & floating:
             present.setdefault(k, []).append(i)
             s, rs = ck.shape(k), ref.shape(k)
+            if vocab_rows and s is not None and rs is not None and VOCAB_TENSOR.search(k):
+                s, rs = s[1:], rs[1:]
             if s is not None and s != rs:
                 problems.append(f"{k}: {ck.path.name} {s} vs base {rs}")
     if extra:

@@ -99,7 +99,10 @@ def _whole_model_jobs(
 ) -> list[Job]:
     base_i = None if sl.base is None else index[sl.base.model]
     inputs = [index[i.model] for i in sl.inputs]
-    lay = align_keys(None if base_i is None else cks[base_i], [cks[i] for i in inputs], r.on_missing)
+    vocab_rows = r.tokenizer_source is not None or bool(r.tokenizer_tokens)
+    lay = align_keys(
+        None if base_i is None else cks[base_i], [cks[i] for i in inputs], r.on_missing, vocab_rows
+    )
     ref_i = base_i if base_i is not None else inputs[0]
     _, layers = _layers(cks[ref_i])
     n_layers = len(layers)

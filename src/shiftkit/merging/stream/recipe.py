@@ -37,8 +37,11 @@ recipe contract is its :class:`~shiftkit.merging.registry.MergeSpec`.
 
 mergekit names map to shiftkit's: ``lambda`` → ``lambda_``, ``rescale: true/false`` → ``"l1"``/``"none"``;
 ``int8_mask`` (a mergekit memory switch with no effect on results) is accepted and ignored. mergekit's
-``dtype`` is the precision its arithmetic runs in; here the arithmetic is float32 and ``dtype`` is the output
-type (more accurate); ``shiftkit: {compute_dtype: bfloat16}`` computes in that type as mergekit does.
+``dtype`` is the type it loads the inputs in (and, for the TIES family, runs its arithmetic in); here inputs
+are read as stored, the arithmetic is float32 and ``dtype`` is the output type, rounded once (more
+accurate). ``shiftkit: {compute_dtype: float16}`` rounds the inputs to that type first, as mergekit loads
+them: ``linear``, ``slerp`` and ``passthrough`` then give mergekit's output to one unit in the last place;
+the TIES family stays closer to the exact merge than mergekit's 16-bit arithmetic.
 Relative model paths are looked up from the current folder, then from the recipe's folder.
 """
 
@@ -163,7 +166,7 @@ class ResolvedRecipe:
         slices: the merge as slices (a ``models:`` recipe is one slice over the whole model).
         sliced: the recipe used ``slices:`` (layer ranges).
         settings: the top-level ``parameters`` as written (scalars, gradients, filters).
-        compute_dtype: the dtype the merge arithmetic runs in (default float32).
+        compute_dtype: the dtype the inputs are rounded to before the float32 arithmetic (default float32).
         tokenizer_tokens: the ``tokenizer: {tokens: ...}`` block (per-token embedding sources).
         pad_to_multiple_of: pad the merged vocabulary to a multiple of this (``tokenizer:`` block).
         chat_template: a Jinja chat template, a named one, ``"auto"``, or ``None``.
@@ -479,7 +482,6 @@ def _order_inputs(
     spec: MergeSpec, inputs: list[SliceSource], base: SliceSource | None, where: str
 ) -> tuple[list[SliceSource], SliceSource | None]:
     """The merge's inputs in order, with the base among them only where the method takes it as an input."""
-    weight_required = "weight" in spec.recipe_required
     if base is not None and not spec.base_is_input:
         inputs = [i for i in inputs if i.model != base.model]  # the base is θ0, not a merged input
     elif base is not None:
@@ -487,7 +489,7 @@ def _order_inputs(
         others = [i for i in inputs if i.model != base.model]
         if listed:
             inputs = [listed[0], *others]  # slerp: t = 0 is the base; linear: it is averaged like any input
-        elif weight_required or len(others) == 1:
+        else:  # mergekit merges the base model's tensor with the others even when it is not listed
             inputs = [SliceSource(base.model, base.layer_range, {}), *others]
     if not inputs:
         raise ShiftkitError(f"{where} lists no model besides the base")

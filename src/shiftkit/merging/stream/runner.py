@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -481,7 +482,11 @@ def _run(
             for n, (ck_i, name) in enumerate(job.inputs)
             if (job.present is None or n in job.present) and name in cks[ck_i]
         ]
-        raw = {src: cks[src[0]].read(src[1], compute).to(dev) for src in dict.fromkeys(wanted)}
+        # inputs rounded to the compute dtype (as mergekit loads them), arithmetic in float32
+        raw = {
+            src: cks[src[0]].read(src[1], compute).to(device=dev, dtype=torch.float32)
+            for src in dict.fromkeys(wanted)
+        }
         if vocab is not None and vocab.is_vocab(job):  # rows rebuilt for the output vocabulary
             models = [src for src in raw if not cks[src[0]].is_shift]
             rebuilt = vocab.rebuild(job, {src[0]: raw[src] for src in models})
@@ -490,7 +495,8 @@ def _run(
             theta0 = raw[job.base]
         else:
             shape = vocab.shape(job) if vocab is not None else cks[job.ref[0]].shape(job.ref[1])
-            theta0 = torch.zeros(tuple(shape or ()), dtype=compute, device=dev)
+            theta0 = torch.zeros(tuple(shape or ()), dtype=torch.float32, device=dev)
+        uses = Counter(job.inputs)
         taus: list[Tensor] = []
         for ck_i, name in job.inputs:
             ck = cks[ck_i]
@@ -505,6 +511,8 @@ def _run(
                         f"{ck.path}: {name} has shape {tuple(tau.shape)}, base {theta0.shape}"
                     )
                 taus.append(tau)
+            elif uses[(ck_i, name)] == 1:  # read for this job alone: subtract in place (no copy)
+                taus.append(raw.pop((ck_i, name)).sub_(theta0))
             else:
                 taus.append(raw[(ck_i, name)].clone().sub_(theta0))
             # one reduction per tensor (not an elementwise mask): NaN/Inf make the sum non-finite

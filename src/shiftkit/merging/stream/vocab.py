@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,14 @@ import torch
 from torch import Tensor
 
 from shiftkit.errors import ShiftkitError
-from shiftkit.merging.stream.checkpoints import Checkpoint
+from shiftkit.merging.stream.checkpoints import VOCAB_TENSOR, Checkpoint
 from shiftkit.merging.stream.plan import Job
 from shiftkit.merging.stream.recipe import ResolvedRecipe
 
 __all__ = ["VocabMap", "build_vocab"]
 
 #: names of the tensors with one row per token (input embeddings and output heads)
-_VOCAB_NAME = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out|output)\.weight$")
+_VOCAB_NAME = VOCAB_TENSOR
 _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -76,7 +75,11 @@ def _vocab_size(ck: Checkpoint, tok: Any) -> int:
 
 
 def _union(base_tok: Any, toks: list[tuple[Any, int]]) -> Any:
-    """The base tokenizer plus every token the others have and it lacks (mergekit's union order)."""
+    """The base tokenizer plus every token the others have and it lacks.
+
+    mergekit appends new tokens in ``get_vocab()`` order, which is a Rust hash map's (it changes between
+    runs); here they come in input order, then token id order, so the same recipe gives the same ids.
+    """
     import copy
 
     out_vocab: dict[str, int] = {}
@@ -84,7 +87,7 @@ def _union(base_tok: Any, toks: list[tuple[Any, int]]) -> Any:
     for tok, size in toks:
         added_here = tok.added_tokens_decoder
         added_names = {info.content for info in added_here.values()}
-        for token, idx in tok.get_vocab().items():
+        for token, idx in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
             if idx >= size or token in added_names:
                 continue
             out_vocab.setdefault(token, len(out_vocab))
