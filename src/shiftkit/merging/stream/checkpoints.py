@@ -191,18 +191,48 @@ class Checkpoint:
             return t.to(dtype) if dtype is not None else t
         info = self.infos[key]
         out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-            view = out.view(-1).view(torch.uint8).numpy().data
-            done = 0
-            while done < info.nbytes:
-                got = os.preadv(fd, [view[done:]], info.start + done)
-                if got <= 0:
-                    raise CorruptFileError(f"{info.file}: truncated while reading {key!r}")
-                done += got
+        self._pread(key, out, info.start, info.nbytes)
         return out if dtype is None or dtype == info.dtype else out.to(dtype)
+
+    def can_read_rows(self, key: str) -> bool:
+        """Whether :meth:`read_rows` can read part of ``key`` (a stored tensor, not a factored shift's ΔW)."""
+        return self._dense is None and key in self.infos and len(self.infos[key].shape) >= 1
+
+    def read_rows(self, key: str, start: int, stop: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Rows ``start:stop`` (first dimension) of tensor ``key`` into a fresh CPU tensor.
+
+        The largest tensors (embeddings, heads) are merged in row blocks this way, so the base's copy of
+        them is never held whole next to the models' (see :mod:`~shiftkit.merging.stream.runner`).
+
+        Example:
+            >>> ck.read_rows("lm_head.weight", 0, 1024, torch.float32).shape
+            torch.Size([1024, 512])
+        """
+        if not self.can_read_rows(key):
+            raise ShiftkitError(f"{self.path}: {key!r} cannot be read in row blocks")
+        info = self.infos[key]
+        rows = info.shape[0]
+        if not 0 <= start <= stop <= rows:
+            raise ShiftkitError(f"{self.path}: rows {start}:{stop} of {key!r} are outside 0:{rows}")
+        row_bytes = info.nbytes // rows if rows else 0
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
+        self._pread(key, out, info.start + start * row_bytes, (stop - start) * row_bytes)
+        return out if dtype is None or dtype == info.dtype else out.to(dtype)
+
+    def _pread(self, key: str, out: Tensor, offset: int, nbytes: int) -> None:
+        if not nbytes:
+            return
+        info = self.infos[key]
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = out.view(-1).view(torch.uint8).numpy().data
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CorruptFileError(f"{info.file}: truncated while reading {key!r}")
+            done += got
 
     def close(self) -> None:
         """Close the open file descriptors (safe to call twice).

@@ -111,7 +111,8 @@ def ties_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: di
     of several ``T × n`` stacks, and about 5× less CPU time.
 
     Args:
-        acc: float32 accumulator of the tensor's shape (θ0 for a model output, zeros for a delta).
+        acc: float32 accumulator of the tensor's shape (θ0 for a model output, zeros for a delta), or
+            ``taus[0]`` itself: the merged shift then replaces it.
         taus: T float32 shifts of that shape, owned by the caller; trimmed and scaled in place.
         weights: T weights.
         params: resolved ``ties`` parameters (``density``, ``consensus``, ``normalize``, ``lambda_``).
@@ -168,8 +169,13 @@ def dare_ties_into_(
 
 
 def _elect_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: dict[str, Any]) -> None:
-    """mergekit sign election and disjoint sum of already-trimmed shifts, blockwise, added to ``acc``."""
+    """mergekit sign election and disjoint sum of already-trimmed shifts, blockwise, added to ``acc``.
+
+    ``acc`` may be ``taus[0]`` itself: each block is then assigned (not added) once all inputs' values of
+    that block have been read, so the result overwrites the first shift without a separate buffer.
+    """
     count = params["consensus"] in ("count", "frequency")
+    assign = bool(taus) and acc.data_ptr() == taus[0].data_ptr()
     for t, w in zip(taus, weights):
         if w != 1.0:  # u_t = w_t τ̂_t (a product with 1 is exact: skip it)
             t.mul_(w)
@@ -192,7 +198,10 @@ def _elect_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: 
         mixed.mul_(gamma)  # Σ|u| of the agreeing entries, signed: negation commutes with rounding
         if params["normalize"]:
             mixed.div_(div.masked_fill_(div == 0, 1.0))
-        out[b].add_(mixed.mul_(params["lambda_"]))
+        if assign:
+            out[b].copy_(mixed.mul_(params["lambda_"]))
+        else:
+            out[b].add_(mixed.mul_(params["lambda_"]))
 
 
 def ties_kernel(params: Mapping[str, Any]) -> KernelFn | None:

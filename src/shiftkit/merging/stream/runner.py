@@ -417,6 +417,8 @@ def _all_paths(r: ResolvedRecipe) -> list[Path]:
 #: prefetch the next tensor's inputs only up to this many elements (32 MiB in float32 per input), so the
 #: read-ahead overlaps I/O with compute but never doubles the memory of the largest tensors
 _PREFETCH_MAX = 1 << 23
+#: elements per row block where the largest tensors are merged with the base read in row blocks
+_ROW_BLOCK = 1 << 20
 
 
 def _prefetched(keys: list[Any], load: Any, numel: Any) -> Any:
@@ -474,9 +476,47 @@ def _run(
     merged_jobs = [j for j in jobs if not j.copy]
     out_dtypes = {k: d for k, _, d in entries}
 
-    def _load(job: Job) -> tuple[Tensor, list[Tensor]]:
+    def _rows(src: tuple[int, str]) -> list[tuple[int, int]]:
+        shape = cks[src[0]].shape(src[1]) or (1,)
+        step = max(1, _ROW_BLOCK // max(1, int(torch.Size(shape[1:]).numel())))
+        return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+    def _base_rows(job: Job) -> Any:
+        assert job.base is not None
+        ck, name = cks[job.base[0]], job.base[1]
+        for a, z in _rows(job.base):
+            yield a, z, ck.read_rows(name, a, z, compute).to(device=dev, dtype=torch.float32)
+
+    def _low_memory(job: Job) -> bool:
+        """The largest tensors (embeddings, heads) merged by an in-place kernel: θ0 is read in row blocks
+        and never held whole beside the models' copies (one tensor less at the peak)."""
+        if as_shift or job.copy or job.base is None or job.present is not None:
+            return False
+        if _numel(job) <= _PREFETCH_MAX:
+            return False
+        if vocab is not None and vocab.is_vocab(job):
+            return False
+        srcs = list(job.inputs)
+        if job.base in srcs or len(set(srcs)) != len(srcs) or not cks[job.base[0]].can_read_rows(job.base[1]):
+            return False
+        if any(cks[c].is_shift or n not in cks[c] for c, n in srcs):
+            return False
+        _, params = r.tensor_params(job.slice, job.out, job.t)
+        return kernels.get(params) is not None
+
+    def _load(job: Job) -> tuple[Tensor | None, list[Tensor]]:
         if job.copy:  # copied as it is (cast to the output dtype)
             return cks[job.ref[0]].read(job.ref[1], out_dtypes.get(job.out)), []
+        if _low_memory(job):  # θ0 = None: subtracted (and later added back) in row blocks
+            taus_lm = []
+            for ck_i, name in job.inputs:
+                tau = cks[ck_i].read(name, compute).to(device=dev, dtype=torch.float32)
+                for a, z, rows in _base_rows(job):
+                    tau[a:z].sub_(rows)
+                if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
+                    raise ShiftkitError(f"{cks[ck_i].path}: tensor {name!r} (or the base's) has NaN or Inf")
+                taus_lm.append(tau)
+            return None, taus_lm
         wanted = ([job.base] if job.base is not None else []) + [
             (ck_i, name)
             for n, (ck_i, name) in enumerate(job.inputs)
@@ -520,10 +560,18 @@ def _run(
                 raise ShiftkitError(f"{ck.path}: tensor {name!r} (or the base's) has NaN or Inf")
         return theta0, taus
 
-    def _merge_job(job: Job, theta0: Tensor, taus: list[Tensor]) -> Tensor:
+    def _merge_job(job: Job, theta0: Tensor | None, taus: list[Tensor]) -> Tensor:
         weights, params = r.tensor_params(job.slice, job.out, job.t)
         check_params(spec, weights, params, checked)
         lean = kernels.get(params) if job.present is None else None
+        if theta0 is None:  # _low_memory: the merged shift replaces τ_0, then θ0 is added row block by block
+            assert lean is not None
+            lean(taus[0], taus, weights, job.out)
+            res = taus[0]
+            for a, z, rows in _base_rows(job):
+                res[a:z].add_(rows)
+            _check_finite(job.out, res)
+            return res
         if lean is not None:
             res = torch.zeros_like(theta0) if as_shift else theta0
             lean(res, taus, weights, job.out)
@@ -575,6 +623,7 @@ def _run(
                     else:
                         merged = _merge_job(job, theta0, taus)
                         writer.write(job.out, merged.to(device="cpu", dtype=out_dtypes[job.out]))
+                        del merged  # (often θ0 itself)
                     del theta0, taus  # before the next read: peak memory is one tensor's inputs, not two
                     bar.update(1)
             return writer.finish()
