@@ -15,7 +15,7 @@ import pytest
 import shiftkit
 from shiftkit.cli import main
 
-COMMANDS = ("learn", "fold", "merge", "adapt", "inspect", "bench", "zoo", "demo")
+COMMANDS = ("learn", "fold", "merge", "extract-lora", "adapt", "inspect", "bench", "zoo", "demo")
 # every parser that has its own --help: the subcommands, and zoo's actions
 HELP_PATHS = [[c] for c in COMMANDS] + [["zoo", "list"], ["zoo", "prepare"]]
 

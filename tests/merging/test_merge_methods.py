@@ -53,6 +53,7 @@ def test_registry_lists_methods() -> None:
         "passthrough",
         "pcb",
         "ram",
+        "ramplus_tl",
         "sce",
         "slerp",
         "task_arithmetic",

@@ -76,3 +76,25 @@ def test_read_rows_reads_the_rows(files: Path) -> None:
         assert ck.read_rows("embed.weight", 36, 37, torch.float64).dtype == torch.float64
         with pytest.raises(sk.ShiftkitError, match="outside"):
             ck.read_rows("embed.weight", 30, 40)
+
+
+def test_parallel_workers_yield_in_order_and_run_large_jobs_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from shiftkit.merging.stream import kernels
+
+    monkeypatch.setattr(runner, "_PREFETCH_MAX", 10)
+    sizes = [3, 3, 3, 50, 3, 3, 20, 3]  # 50 and 20 exceed the limit: they run alone, on this thread
+    seen: list[tuple[int, bool, bool]] = []
+
+    def produce(i: int) -> int:
+        own = kernels._POOL["owner"] == threading.get_ident()
+        seen.append((i, threading.current_thread() is threading.main_thread(), own))
+        return i * 10
+
+    out = list(runner._in_order(list(range(len(sizes))), produce, lambda i: sizes[i], workers=2))
+    assert out == [(i, i * 10) for i in range(len(sizes))]
+    alone = {i: (main, own) for i, main, own in seen if sizes[i] > 10}
+    assert alone == {3: (True, True), 6: (True, True)}  # the kernels may use the idle pool there
+    assert all(not own for i, _, own in seen if sizes[i] <= 10)
+    assert kernels._POOL["pool"] is None

@@ -260,7 +260,8 @@ def test_interrupted_merge_leaves_nothing(
     monkeypatch.setitem(MERGE_METHODS._entries, "task_arithmetic", dataclasses.replace(spec, fn=flaky))
     with pytest.raises(exc):
         merge_recipe(recipe, tmp_path / "out", progress=False)
-    assert calls["n"] == 8 and sorted(os.listdir(tmp_path)) == ["r.yaml"]
+    # tensors already in flight on the other merge workers finish; nothing more starts, nothing is left
+    assert 8 <= calls["n"] <= 8 + 2 * torch.get_num_threads() and sorted(os.listdir(tmp_path)) == ["r.yaml"]
 
 
 def test_refuses_existing_out_unless_force(fp32: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:

@@ -9,10 +9,13 @@ import argparse
 from typing import Any
 
 DESCRIPTION = """\
-Merge fine-tuned checkpoints tensor by tensor (task arithmetic, TIES, DARE, SLERP, linear soups, and any
-registered merge method) over sharded safetensors folders, without loading whole models: memory stays at a
-few tensors. OUT is a new model folder (sharded safetensors + index, config.json, tokenizer files and the
-resolved recipe shiftkit_merge.yaml), or a path ending in .safetensors for the merged delta as a shift file.
+Merge fine-tuned checkpoints tensor by tensor (task arithmetic, TIES, DARE, DELLA, SCE, SLERP, NuSLERP,
+Karcher, passthrough frankenmerges, linear soups, and any registered merge method) over sharded safetensors
+folders, without loading whole models: memory stays at a few tensors. mergekit recipes run as they are:
+slices and layer ranges, per-layer gradients, filters, per-model parameters, tokenizer_source / tokenizer:
+blocks for fine-tunes with added tokens. OUT is a new model folder (sharded safetensors + index,
+config.json, tokenizer files and the resolved recipe shiftkit_merge.yaml), or a path ending in
+.safetensors for the merged delta as a shift file.
 Nothing is left behind if the merge fails or is interrupted.
 """
 
@@ -26,15 +29,18 @@ mergekit requires is required, e.g. every model's weight; unknown keys are an er
       parameters: {weight: 1.0, density: 0.5}
     - model: models/code
       parameters: {weight: 0.5, density: 0.5}
-  parameters: {lambda: 1.0}
+  parameters: {lambda: 1.0}               # a list is a gradient over the layers: {t: [0, 0.5, 1]}
   dtype: bfloat16                          # output dtype (default: the base's); the math is float32
-  shiftkit: {max_shard_size: 2GB, on_missing: error}
+  tokenizer_source: union                  # base | union | a model path: rows mapped by token
+  shiftkit: {max_shard_size: 2GB, on_missing: error, compute_dtype: float32}
 
 examples (examples/merge_ties.yaml documents every key; these inputs come from
 python examples/make_merge_inputs.py: SmolLM2-135M and 3 fine-tunes as sharded folders):
   shiftkit merge examples/merge_smollm2_ties.yaml runs/merged --dry-run
   shiftkit merge examples/merge_smollm2_ties.yaml runs/merged --max-shard-size 100MB --json runs/merge.json
   shiftkit merge examples/merge_smollm2_ties.yaml runs/merged_delta.safetensors --force
+  shiftkit merge examples/merge_smollm2_gradient_slerp.yaml runs/slerp      # mergekit's gradient-slerp
+  shiftkit merge examples/merge_smollm2_frankenmerge.yaml runs/deep         # slices + passthrough
 """
 
 

@@ -5,7 +5,7 @@
   ``task_arithmetic``, ``ties`` (mergekit / paper / peft semantics), ``dare_linear``, ``dare_ties``,
   ``della``, ``della_linear``, ``sce``, ``slerp``, ``breadcrumbs``, ``breadcrumbs_ties``, ``model_stock``,
   ``pcb``, ``atlas``, ``passthrough``,
-  ``arcee_fusion``, ``nearswap``, ``ram``, ``nuslerp``, ``multislerp``, ``karcher``;
+  ``arcee_fusion``, ``nearswap``, ``ram``, ``ramplus_tl``, ``nuslerp``, ``multislerp``, ``karcher``;
   ``sk.list_merge_methods()`` lists them and ``sk.register_merge_method`` adds one (from any module).
   Shifts that define their changes alone (LoRA) merge exactly in ΔW space; ``sk.merge_lora`` returns a
   LoRA again (:mod:`~shiftkit.merging.lowrank`).
@@ -34,6 +34,7 @@ from shiftkit.merging import (  # noqa: F401
     passthrough,
     pcb,
     ram,
+    ramplus_tl,
     sce,
     slerp,
     task_arithmetic,

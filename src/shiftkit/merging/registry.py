@@ -187,6 +187,6 @@ def list_merge_methods() -> list[str]:
         >>> sk.list_merge_methods()
         ['arcee_fusion', 'atlas', 'breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'della',
          'della_linear', 'karcher', 'linear', 'model_stock', 'multislerp', 'nearswap', 'nuslerp',
-         'passthrough', 'pcb', 'ram', 'sce', 'slerp', 'task_arithmetic', 'ties']
+         'passthrough', 'pcb', 'ram', 'ramplus_tl', 'sce', 'slerp', 'task_arithmetic', 'ties']
     """
     return MERGE_METHODS.names()

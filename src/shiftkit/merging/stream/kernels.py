@@ -2,14 +2,16 @@
 
 The registered :func:`shiftkit.merging.ties.ties` stacks the T shifts and builds several ``T × n``
 temporaries; the streaming engine owns its τ buffers, so it can trim them in place and do the sign election
-and the disjoint mean over blocks of 2¹⁸ elements. Same roundings in the same order, so the values equal
+and the disjoint mean over blocks of 2¹⁶ elements. Same roundings in the same order, so the values equal
 ``ties(..., semantics="mergekit")`` exactly (tests check it), at a fraction of the memory and CPU time.
 The exact k-th largest magnitude comes from a sampled bracket instead of ``kthvalue`` on a full copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,8 +27,35 @@ KernelFn = Callable[[Tensor, list[Tensor], list[float], str], None]
 #: the consensus rules the kernels implement (mergekit's names and PEFT's)
 _CONSENSUS = ("sum", "total", "count", "frequency")
 
-#: elements per block of the lean TIES kernel: 1 MiB of float32 temporaries, tiny next to a large tensor
-_BLOCK = 1 << 18
+#: elements per block of the lean TIES kernel: 256 KiB of float32 temporaries (per thread), tiny next to a
+#: large tensor
+_BLOCK = 1 << 16
+
+#: the streaming merge's worker pool and the thread allowed to use it (see :func:`parallel_in`)
+_POOL: dict[str, Any] = {"pool": None, "owner": None}
+
+
+@contextmanager
+def parallel_in(pool: Any) -> Iterator[None]:
+    """Let the kernels called from this thread split their work over ``pool`` (a ``ThreadPoolExecutor``).
+
+    The streaming merge runs its largest tensors alone on the calling thread, while the pool is idle: the
+    inputs' trims then run side by side and the election splits its blocks (torch releases the GIL in its
+    operations). Calls from any other thread, such as the pool's own workers, stay sequential, so a worker
+    never waits on its own pool.
+    """
+    _POOL.update(pool=pool, owner=threading.get_ident())
+    try:
+        yield
+    finally:
+        _POOL.update(pool=None, owner=None)
+
+
+def _map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    pool = _POOL["pool"]
+    if pool is None or len(items) < 2 or _POOL["owner"] != threading.get_ident():
+        return [fn(x) for x in items]
+    return list(pool.map(fn, items))
 
 
 def _blocks(n: int) -> list[slice]:
@@ -36,6 +65,8 @@ def _blocks(n: int) -> list[slice]:
 #: sample size and quantile margin of :func:`_kth_largest_abs`: the bracket holds the k-th largest value
 #: unless the sample quantile is off by > 0.01 (about 5 standard deviations at 65 536 samples)
 _SAMPLE, _MARGIN = 1 << 16, 0.01
+#: up to this many entries one selection over the whole ``|x|`` is faster than sampling a bracket first
+_SELECT_WHOLE = 1 << 22
 
 
 def _kth_largest_abs(flat: Tensor, k: int) -> tuple[Tensor, int, int]:
@@ -48,7 +79,7 @@ def _kth_largest_abs(flat: Tensor, k: int) -> tuple[Tensor, int, int]:
     returned value is exactly ``kthvalue(|x|, n − k + 1)``.
     """
     n = flat.numel()
-    if n > 8 * _SAMPLE:
+    if n > _SELECT_WHOLE:
         gen = torch.Generator(device="cpu").manual_seed(n)
         idx = torch.randint(n, (_SAMPLE,), generator=gen).to(flat.device)
         sample = flat[idx].abs().sort().values
@@ -85,20 +116,25 @@ def _prune_(x: Tensor, density: float) -> None:
     flat = x.view(-1)
     thr, greater, equal_total = _kth_largest_abs(flat, min(k, n))
     quota = k - greater  # entries equal to thr still to keep, lowest flat index first
+    # hardshrink keeps |x| > λ and writes +0.0 elsewhere, in one fused pass: with λ the float32 just below
+    # thr, that is |x| >= thr (no float32 lies between them), the same bits as a masked fill
+    below = float(torch.nextafter(thr.to(torch.float32), torch.zeros((), dtype=torch.float32)))
     if quota == equal_total:  # the usual case: keep exactly the entries >= thr
         for b in _blocks(n):
-            flat[b].masked_fill_(flat[b].abs() < thr, 0.0)
+            flat[b].copy_(torch.nn.functional.hardshrink(flat[b], below))
         return
+    # more entries tie at thr than the quota: keep the first `quota` of them by flat index
     seen = 0
     for b in _blocks(n):
-        mag = flat[b].abs()
-        keep = mag > thr
-        equal = mag == thr
+        blk = flat[b]
+        equal = blk.abs() == thr
         n_eq = int(torch.count_nonzero(equal))
         if n_eq:
-            keep |= equal & ((torch.cumsum(equal, 0) + seen) <= quota)
+            drop = equal & ((torch.cumsum(equal, 0) + seen) > quota)
             seen += n_eq
-        flat[b].masked_fill_(~keep, 0.0)
+            blk.copy_(torch.nn.functional.hardshrink(blk, below).masked_fill_(drop, 0.0))
+        else:
+            blk.copy_(torch.nn.functional.hardshrink(blk, below))
 
 
 def ties_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: dict[str, Any]) -> None:
@@ -122,8 +158,7 @@ def ties_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: di
         >>> ties_into_(acc, [tau1, tau2], [1.0, 1.0], {"density": 0.5, "consensus": "sum",
         ...            "normalize": True, "lambda_": 1.0})
     """
-    for t in taus:
-        _prune_(t, params["density"])
+    _map(lambda t: _prune_(t, params["density"]), list(taus))
     _elect_into_(acc, taus, weights, params)
 
 
@@ -181,27 +216,33 @@ def _elect_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: 
             t.mul_(w)
     flats = [t.view(-1) for t in taus]
     out = acc.view(-1)
-    for b in _blocks(out.numel()):
-        us = [f[b] for f in flats]
-        votes = torch.sign(us[0]) if count else us[0].clone()
-        for u in us[1:]:
-            votes.add_(torch.sign(u) if count else u)
-        gamma = torch.where(votes < 0, -1.0, 1.0)  # sgn(votes) with 0 → +1
-        del votes
-        mixed = torch.zeros_like(gamma)
-        div = torch.zeros_like(gamma)
-        for u, w in zip(us, weights):
-            p = u * gamma  # |u| where sgn(u) = γ, else ≤ 0: one product replaces sign + compare + select
+
+    def run(blocks: list[slice]) -> None:
+        for b in blocks:
+            us = [f[b] for f in flats]
+            votes = torch.sign(us[0]) if count else us[0].clone()
+            for u in us[1:]:
+                votes.add_(torch.sign(u) if count else u)
+            gamma = torch.where(votes < 0, -1.0, 1.0)  # sgn(votes) with 0 → +1
+            del votes
+            mixed = torch.zeros_like(gamma)
+            div = torch.zeros_like(gamma)
+            for u, w in zip(us, weights):
+                p = u * gamma  # |u| where sgn(u) = γ, else ≤ 0: one product replaces sign + compare + select
+                if params["normalize"]:
+                    div.add_(p > 0, alpha=w)
+                mixed.add_(p.clamp_(min=0.0))
+            mixed.mul_(gamma)  # Σ|u| of the agreeing entries, signed: negation commutes with rounding
             if params["normalize"]:
-                div.add_(p > 0, alpha=w)
-            mixed.add_(p.clamp_(min=0.0))
-        mixed.mul_(gamma)  # Σ|u| of the agreeing entries, signed: negation commutes with rounding
-        if params["normalize"]:
-            mixed.div_(div.masked_fill_(div == 0, 1.0))
-        if assign:
-            out[b].copy_(mixed.mul_(params["lambda_"]))
-        else:
-            out[b].add_(mixed.mul_(params["lambda_"]))
+                mixed.div_(div.masked_fill_(div == 0, 1.0))
+            if assign:
+                out[b].copy_(mixed.mul_(params["lambda_"]))
+            else:
+                out[b].add_(mixed.mul_(params["lambda_"]))
+
+    blocks = _blocks(out.numel())
+    half = (len(blocks) + 1) // 2  # two contiguous halves: each block reads and writes only its own range
+    _map(run, [blocks[:half], blocks[half:]] if len(blocks) > 1 else [blocks])
 
 
 def ties_kernel(params: Mapping[str, Any]) -> KernelFn | None:

@@ -370,7 +370,19 @@ def merge_recipe(
                 torch.set_num_threads(1)
             try:
                 written = _run(
-                    r, spec, passes, cks, todo, entries, tmp, shard_size, as_shift, progress, device, vocab
+                    r,
+                    spec,
+                    passes,
+                    cks,
+                    todo,
+                    entries,
+                    tmp,
+                    shard_size,
+                    as_shift,
+                    progress,
+                    device,
+                    vocab,
+                    workers=threads if torch.device(device).type == "cpu" else 1,
                 )
             finally:
                 torch.set_num_threads(threads)
@@ -439,6 +451,70 @@ def _prefetched(keys: list[Any], load: Any, numel: Any) -> Any:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Each worker thread allocates its tensors in its own malloc arena, which keeps freed blocks for reuse;
+    trimming before the largest tensors keeps the peak resident set at one large tensor's inputs.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return
+
+
+def _in_order(jobs: list[Any], produce: Any, numel: Any, workers: int) -> Any:
+    """Yield ``(job, produce(job))`` in order, small jobs computed ``workers`` at a time.
+
+    Each worker thread runs one tensor's read and merge (torch releases the GIL in its operations, and the
+    merge runs with one intra-op thread: see :func:`merge_recipe`), so two cores merge two tensors at once.
+    Jobs in flight hold at most ``_PREFETCH_MAX`` elements together; a larger job runs alone, after the
+    earlier ones (the memory bound of a one-tensor read-ahead), its kernel splitting its work over the
+    idle pool (:func:`~shiftkit.merging.stream.kernels.parallel_in`).
+    """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from shiftkit.merging.stream.kernels import parallel_in
+
+    if workers <= 1:
+        yield from _prefetched(jobs, produce, numel)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shiftkit-merge")
+    pending: deque[tuple[Any, Future[Any], int]] = deque()
+    in_flight = 0
+    try:
+        for job in jobs:
+            size = int(numel(job))
+            big = size > _PREFETCH_MAX
+            while pending and (big or len(pending) > workers or in_flight + size > _PREFETCH_MAX):
+                j, f, n = pending.popleft()
+                in_flight -= n
+                yield j, f.result()
+            if big:  # the pool is idle: the kernel may split this tensor's work over it
+                _release_free_memory()  # what the workers freed goes back to the OS before the largest reads
+                with parallel_in(pool):
+                    got = produce(job)
+                yield job, got
+                del got
+                continue
+            pending.append((job, pool.submit(produce, job), size))
+            in_flight += size
+        while pending:
+            j, f, _ = pending.popleft()
+            yield j, f.result()
+    finally:
+        for _, f, _ in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _planned_outputs(
     out: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], shard_size: int, as_shift: bool
 ) -> list[str]:
@@ -462,6 +538,7 @@ def _run(
     progress: bool,
     device: str | torch.device,
     vocab: Any,
+    workers: int = 1,
 ) -> list[Path]:
     from tqdm.auto import tqdm
 
@@ -614,17 +691,20 @@ def _run(
             )
         else:
             writer = ShardedWriter(tmp, entries, shard_size, {})
+
+        def _produce(job: Job) -> Tensor:
+            theta0, taus = _load(job)
+            if job.copy:
+                assert theta0 is not None
+                return theta0
+            return _merge_job(job, theta0, taus).to(device="cpu", dtype=out_dtypes[job.out])
+
         try:
-            items = _prefetched([by_out[k] for k, _, _ in entries], _load, _numel)
+            items = _in_order([by_out[k] for k, _, _ in entries], _produce, _numel, workers)
             with closing(items):
-                for job, (theta0, taus) in items:
-                    if job.copy:
-                        writer.write(job.out, theta0)
-                    else:
-                        merged = _merge_job(job, theta0, taus)
-                        writer.write(job.out, merged.to(device="cpu", dtype=out_dtypes[job.out]))
-                        del merged  # (often θ0 itself)
-                    del theta0, taus  # before the next read: peak memory is one tensor's inputs, not two
+                for job, out in items:
+                    writer.write(job.out, out)
+                    del out  # before the next read: the peak is one large tensor's inputs, not two
                     bar.update(1)
             return writer.finish()
         except BaseException:
