@@ -4,7 +4,7 @@ The registered :func:`shiftkit.merging.ties.ties` stacks the T shifts and builds
 temporaries; the streaming engine owns its τ buffers, so it can trim them in place and do the sign election
 and the disjoint mean over blocks of 2¹⁶ elements. Same roundings in the same order, so the values equal
 ``ties(..., semantics="mergekit")`` exactly (tests check it), at a fraction of the memory and CPU time.
-The exact k-th largest magnitude comes from a sampled bracket instead of ``kthvalue`` on a full copy.
+The exact k-th largest magnitude comes from a radix select instead of ``kthvalue`` on a full copy.
 """
 
 from __future__ import annotations
@@ -58,47 +58,78 @@ def _map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     return list(pool.map(fn, items))
 
 
-def _blocks(n: int) -> list[slice]:
-    return [slice(i, min(i + _BLOCK, n)) for i in range(0, n, _BLOCK)]
+def _blocks(n: int, size: int = 0) -> list[slice]:
+    size = size or _BLOCK
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-#: sample size and quantile margin of :func:`_kth_largest_abs`: the bracket holds the k-th largest value
-#: unless the sample quantile is off by > 0.01 (about 5 standard deviations at 65 536 samples)
+#: ``_radix_kth`` histograms the top 16 bits of ``|x|`` (sign 0, 8 exponent, 7 mantissa bits: 2¹⁵ bins)
+_RADIX_BINS = 1 << 15
+#: up to this many entries the k-th largest ``|x|`` is a radix select over the whole tensor; above, a
+#: sampled bracket and one blockwise pass (blocks of 2²⁰ when that bracket misses)
+_SELECT_WHOLE, _RADIX_BLOCK = 1 << 22, 1 << 20
+#: sample size and quantile margin of the bracket: it holds the k-th largest value unless the sample
+#: quantile is off by > 0.01 (about 5 standard deviations at 65 536 samples)
 _SAMPLE, _MARGIN = 1 << 16, 0.01
-#: up to this many entries one selection over the whole ``|x|`` is faster than sampling a bracket first
-_SELECT_WHOLE = 1 << 22
 
 
 def _kth_largest_abs(flat: Tensor, k: int) -> tuple[Tensor, int, int]:
     """The exact k-th largest ``|x|`` (``1 <= k <= n``) and the counts of entries above it and equal to it.
 
-    ``torch.kthvalue`` copies the whole tensor and selects in it; instead a seeded random sample brackets
-    the value, one blockwise pass counts the entries above the bracket and gathers the few inside it, and
-    the shared exact selector (:func:`shiftkit.core.functional.kth_smallest`) runs on those only. A
-    bracket that misses (a heavily tied tensor) falls back to selecting over all of ``|x|``. Either way the
-    returned value is exactly ``kthvalue(|x|, n − k + 1)``.
+    ``torch.kthvalue`` copies the whole tensor and selects in it. Instead, up to ``_SELECT_WHOLE`` entries,
+    a radix select (:func:`_radix_kth`); above, a seeded random sample brackets the value, one blockwise
+    pass counts the entries above the bracket and gathers the few inside it, and the shared exact selector
+    (:func:`shiftkit.core.functional.kth_smallest`) runs on those only; a bracket that misses (a heavily
+    tied tensor) falls back to the radix select in blocks. Either way the returned value is exactly
+    ``kthvalue(|x|, n − k + 1)``.
     """
     n = flat.numel()
-    if n > _SELECT_WHOLE:
-        gen = torch.Generator(device="cpu").manual_seed(n)
-        idx = torch.randint(n, (_SAMPLE,), generator=gen).to(flat.device)
-        sample = flat[idx].abs().sort().values
-        q = 1.0 - k / n  # fraction of entries below the k-th largest
-        lo = sample[max(int((q - _MARGIN) * _SAMPLE), 0)]
-        hi = sample[min(int((q + _MARGIN) * _SAMPLE), _SAMPLE - 1)]
-        above, inside = 0, []
-        for b in _blocks(n):
-            mag = flat[b].abs()
-            above += int(torch.count_nonzero(mag > hi))
-            inside.append(mag[(mag >= lo) & (mag <= hi)])
-        cand = torch.cat(inside)
-        rank = k - above  # the wanted value is the rank-th largest inside [lo, hi]
-        if 1 <= rank <= cand.numel():
-            thr = kth_smallest(cand, cand.numel() - rank)
-            return thr, above + int(torch.count_nonzero(cand > thr)), int(torch.count_nonzero(cand == thr))
-    mag = flat.abs()
-    thr = kth_smallest(mag, n - k)
-    return thr, int(torch.count_nonzero(mag > thr)), int(torch.count_nonzero(mag == thr))
+    if n <= _SELECT_WHOLE:
+        return _radix_kth(flat, k, whole=True)
+    gen = torch.Generator(device="cpu").manual_seed(n)
+    idx = torch.randint(n, (_SAMPLE,), generator=gen).to(flat.device)
+    sample = flat[idx].abs().sort().values
+    q = 1.0 - k / n  # fraction of entries below the k-th largest
+    lo = sample[max(int((q - _MARGIN) * _SAMPLE), 0)]
+    hi = sample[min(int((q + _MARGIN) * _SAMPLE), _SAMPLE - 1)]
+    above, inside = 0, []
+    for b in _blocks(n):
+        mag = flat[b].abs()
+        above += int(torch.count_nonzero(mag > hi))
+        inside.append(mag[(mag >= lo) & (mag <= hi)])
+    cand = torch.cat(inside)
+    rank = k - above  # the wanted value is the rank-th largest inside [lo, hi]
+    if 1 <= rank <= cand.numel():
+        thr = kth_smallest(cand, cand.numel() - rank)
+        return thr, above + int(torch.count_nonzero(cand > thr)), int(torch.count_nonzero(cand == thr))
+    return _radix_kth(flat, k, whole=False)
+
+
+def _radix_kth(flat: Tensor, k: int, whole: bool) -> tuple[Tensor, int, int]:
+    """:func:`_kth_largest_abs` by a radix select: the bit patterns of non-negative float32 values order
+    like the values, so one pass histograms the top 16 bits of ``|x|``, the histogram names the bin holding
+    the k-th largest and how many entries lie above it, and a second pass gathers that bin's entries for
+    the exact selector. Every step is a torch operation (the GIL is released); ``whole=False`` goes in
+    blocks of ``_RADIX_BLOCK``."""
+    n = flat.numel()
+    blocks = [slice(0, n)] if whole else _blocks(n, _RADIX_BLOCK)
+    mag = flat.abs() if whole else None
+    counts = torch.zeros(_RADIX_BINS, dtype=torch.int64, device=flat.device)
+    for b in blocks:
+        m = mag if mag is not None else flat[b].abs()
+        counts += torch.bincount((m.view(torch.int32) >> 16).long(), minlength=_RADIX_BINS)
+    from_top = counts.flip(0).cumsum(0)
+    pos = int(torch.searchsorted(from_top, torch.tensor(k, device=from_top.device)))
+    hit = _RADIX_BINS - 1 - pos
+    above = int(from_top[pos]) - int(counts[hit])
+    parts = []
+    for b in blocks:
+        m = mag if mag is not None else flat[b].abs()
+        parts.append(m[(m.view(torch.int32) >> 16) == hit])
+    cand = torch.cat(parts)
+    rank = k - above  # the wanted value is the rank-th largest of the bin
+    thr = kth_smallest(cand, cand.numel() - rank)
+    return thr, above + int(torch.count_nonzero(cand > thr)), int(torch.count_nonzero(cand == thr))
 
 
 def _prune_(x: Tensor, density: float) -> None:
