@@ -7,10 +7,12 @@ Conventions: a Linear weight is ``W ∈ R^{out×in}``, a Conv weight ``W ∈ R^{
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from shiftkit.errors import ShiftkitError
 
 __all__ = [
     "abs_sum64",
@@ -25,6 +27,7 @@ __all__ = [
     "norm64",
     "scale_rows",
     "scale_shift",
+    "select_ranks",
     "topk_mask",
     "truncated_svd",
 ]
@@ -206,6 +209,61 @@ def kth_smallest(values: Tensor, j: int) -> Tensor:
         arr = values.detach().contiguous().numpy()
         return torch.tensor(np.partition(arr, j)[j], dtype=values.dtype)
     return torch.kthvalue(values, j + 1).values
+
+
+def select_ranks(values: Tensor, ranks: Sequence[int]) -> list[Tensor]:
+    """Exact 0-based ``j``-th smallest entries of a float32 tensor, for several ``j`` at once (radix select).
+
+    float32 bit patterns, mapped so that signed integers order like the floats, are histogrammed on their
+    top 16 bits in one pass (blocks of :data:`BLOCK64`); each rank's bin is then gathered and finished with
+    :func:`kth_smallest`. No copy of the whole tensor is sorted or partitioned, and every step is a torch
+    operation that releases the GIL. Values must be finite; other dtypes go through :func:`kth_smallest`.
+
+    Args:
+        values: any-shape tensor (flattened).
+        ranks: 0-based ranks in ``[0, numel)``.
+
+    Returns:
+        One 0-d tensor per rank, in the order given.
+
+    Example:
+        >>> select_ranks(torch.tensor([3.0, -1.0, 2.0, 0.5]), [0, 2])
+        [tensor(-1.), tensor(2.)]
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if any(not 0 <= j < n for j in ranks):
+        raise ShiftkitError(f"select_ranks: ranks {list(ranks)} are outside [0, {n})")
+    if flat.dtype != torch.float32:
+        return [kth_smallest(flat, j) for j in ranks]
+    blocks = [slice(i, min(i + BLOCK64, n)) for i in range(0, n, BLOCK64)]
+
+    signed = bool((flat < 0).any())
+
+    def bins_of(x: Tensor) -> Tensor:
+        bits = x.view(torch.int32)
+        if not signed:  # non-negative floats order like their bit patterns: bins 2¹⁵ … 2¹⁶ − 1
+            return (bits >> 16) + (1 << 15)
+        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reversed, still below 0
+        return (key >> 16) + (1 << 15)
+
+    counts = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
+    for b in blocks:
+        counts += torch.bincount(bins_of(flat[b]), minlength=1 << 16)
+    cum = counts.cumsum(0)
+    wanted = {}
+    for j in ranks:
+        hit = int(torch.searchsorted(cum, torch.tensor(j, device=cum.device), right=True))
+        wanted[j] = (hit, int(cum[hit]) - int(counts[hit]))
+    hits = sorted({h for h, _ in wanted.values()})
+    parts: dict[int, list[Tensor]] = {h: [] for h in hits}
+    for b in blocks:
+        x = flat[b]
+        bins = bins_of(x)
+        for h in hits:
+            parts[h].append(x[bins == h])
+    cand = {h: torch.cat(p) for h, p in parts.items()}
+    return [kth_smallest(cand[h], j - below) for j, (h, below) in ((j, wanted[j]) for j in ranks)]
 
 
 def topk_mask(x: Tensor, k: int) -> Tensor:

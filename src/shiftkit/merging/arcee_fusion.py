@@ -30,9 +30,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from shiftkit.core.functional import kth_smallest
+from shiftkit.core.functional import select_ranks
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.registry import register_merge
+from shiftkit.merging.stream.kernels import parallel_map
 
 __all__ = ["arcee_fusion", "fusion_importance", "fusion_mask", "fusion_threshold"]
 
@@ -78,7 +79,7 @@ def fusion_threshold(scores: Tensor) -> Tensor:
     """
     flat = scores.reshape(-1)
     n = flat.numel()
-    q1, med, q3 = (kth_smallest(flat, int(q * (n - 1))).to(flat.device) for q in QUANTILES)
+    q1, med, q3 = (v.to(flat.device) for v in select_ranks(flat, [int(q * (n - 1)) for q in QUANTILES]))
     return med + IQR_FACTOR * (q3 - q1)
 
 
@@ -136,18 +137,44 @@ def arcee_fusion(
             if x.numel() == 0:
                 out[k] = x.clone()
                 continue
-            if base is None:
-                a, b = x, y
-            else:
+            b0 = None
+            if base is not None:
                 if k not in base or tuple(base[k].shape) != tuple(x.shape):
                     raise ShiftMismatchError(
                         f"arcee_fusion base has no tensor {k!r} of shape {tuple(x.shape)}"
                     )
                 b0 = base[k].to(device=x.device, dtype=x.dtype)
-                a, b = b0 + x, b0 + y
-            shape = x.shape
-            if x.dim() == 0:  # a scalar is a one-entry row
-                a, b, x, y = a.reshape(1), b.reshape(1), x.reshape(1), y.reshape(1)
-            mask = fusion_mask(a, b)
-            out[k] = (x + (y - x) * mask).reshape(shape)
+            out[k] = _fuse(x, y, b0)
     return out
+
+
+#: rows per chunk of :func:`_fuse` hold about this many entries
+_CHUNK = 1 << 18
+
+
+def _fuse(x: Tensor, y: Tensor, b0: Tensor | None) -> Tensor:
+    """``x + (y − x)·mask`` of one tensor, the importances computed row chunk by row chunk (the softmax and
+    the divergence are per row), so the temporaries are chunk-sized: the full-size tensors are the
+    importances (whose storage then takes the result) and the threshold's selection copy."""
+    shape = x.shape
+    width = shape[-1] if x.dim() > 0 else 1
+    xs, ys = x.reshape(-1, width), y.reshape(-1, width)
+    bs = b0.reshape(-1, width) if b0 is not None else None
+    rows = xs.shape[0]
+    step = max(1, _CHUNK // width)
+    chunks = [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+    scores = torch.empty_like(xs)
+
+    def importance(c: slice) -> None:
+        a, b = (xs[c], ys[c]) if bs is None else (bs[c] + xs[c], bs[c] + ys[c])
+        scores[c] = fusion_importance(a, b)
+
+    def fuse(c: slice) -> None:  # the result takes the importances' storage, chunk by chunk
+        keep = scores[c] >= thr
+        scores[c] = xs[c] + (ys[c] - xs[c]) * keep
+
+    # chunks write disjoint rows: the streaming merge may run them on its idle workers (largest tensors)
+    parallel_map(importance, chunks)
+    thr = fusion_threshold(scores)
+    parallel_map(fuse, chunks)
+    return scores.reshape(shape)

@@ -19,7 +19,15 @@ from torch import Tensor
 
 from shiftkit.core.functional import abs_sum64, kth_smallest
 
-__all__ = ["KernelFn", "dare_ties_into_", "dare_ties_kernel", "ties_into_", "ties_kernel"]
+__all__ = [
+    "KernelFn",
+    "dare_ties_into_",
+    "dare_ties_kernel",
+    "parallel_in",
+    "parallel_map",
+    "ties_into_",
+    "ties_kernel",
+]
 
 #: ``kernel(acc, taus, weights, key)``: adds the merged shift of tensor ``key`` into ``acc`` in place, free to
 #: overwrite the float32 ``taus`` it owns
@@ -51,7 +59,14 @@ def parallel_in(pool: Any) -> Iterator[None]:
         _POOL.update(pool=None, owner=None)
 
 
-def _map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+def parallel_map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, run on the streaming merge's idle workers when this thread may use them
+    (inside :func:`parallel_in`; sequential anywhere else). ``fn`` must be safe to run concurrently: each
+    call writing its own part of a tensor.
+
+    Example:
+        >>> parallel_map(lambda c: out[c].copy_(src[c]), chunks)
+    """
     pool = _POOL["pool"]
     if pool is None or len(items) < 2 or _POOL["owner"] != threading.get_ident():
         return [fn(x) for x in items]
@@ -189,7 +204,7 @@ def ties_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: di
         >>> ties_into_(acc, [tau1, tau2], [1.0, 1.0], {"density": 0.5, "consensus": "sum",
         ...            "normalize": True, "lambda_": 1.0})
     """
-    _map(lambda t: _prune_(t, params["density"]), list(taus))
+    parallel_map(lambda t: _prune_(t, params["density"]), list(taus))
     _elect_into_(acc, taus, weights, params)
 
 
@@ -273,7 +288,7 @@ def _elect_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: 
 
     blocks = _blocks(out.numel())
     half = (len(blocks) + 1) // 2  # two contiguous halves: each block reads and writes only its own range
-    _map(run, [blocks[:half], blocks[half:]] if len(blocks) > 1 else [blocks])
+    parallel_map(run, [blocks[:half], blocks[half:]] if len(blocks) > 1 else [blocks])
 
 
 def ties_kernel(params: Mapping[str, Any]) -> KernelFn | None:
