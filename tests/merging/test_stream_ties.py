@@ -1,5 +1,6 @@
 """The streaming merge's in-place TIES / DARE-TIES kernels equal the registered merge functions exactly, and
-the sampled k-th largest magnitude equals ``torch.kthvalue``, including heavily tied tensors."""
+the k-th largest magnitude (radix select, or a sampled bracket) equals ``torch.kthvalue``, including heavily
+tied tensors."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ LEAN = [
     ({"density": 1.0}, [0.3, 1.0, 1.0]),
     ({"density": 0.0}, [1.0, 1.0, 1.0]),
     ({"density": 0.25, "consensus": "frequency"}, [1.0, 1.0]),
+    ({"density": [0.9, 0.2, 1.0]}, [1.0, 0.5, 2.0]),  # one density per input (a recipe's per-model values)
 ]
 
 
@@ -39,8 +41,12 @@ def test_lean_ties_kernel_is_bit_identical(
 
 @pytest.mark.parametrize("kind", ["normal", "tied", "zeros", "structured"])
 @pytest.mark.parametrize("frac", [0.001, 0.2, 0.5, 0.999])
-def test_kth_largest_abs_is_exact(monkeypatch: pytest.MonkeyPatch, kind: str, frac: float) -> None:
-    monkeypatch.setattr(streaming, "_SAMPLE", 256)  # take the sampled path on a small tensor
+@pytest.mark.parametrize("path", ["radix", "sampled", "radix-blocks"])
+def test_kth_largest_abs_is_exact(monkeypatch: pytest.MonkeyPatch, kind: str, frac: float, path: str) -> None:
+    if path != "radix":  # the sampled bracket (and its blockwise radix fallback) on a small tensor
+        monkeypatch.setattr(streaming, "_SELECT_WHOLE", 100)
+        monkeypatch.setattr(streaming, "_SAMPLE", 256)
+        monkeypatch.setattr(streaming, "_RADIX_BLOCK", 700)
     monkeypatch.setattr(streaming, "_BLOCK", 1000)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(5000, generator=gen)
@@ -51,7 +57,10 @@ def test_kth_largest_abs_is_exact(monkeypatch: pytest.MonkeyPatch, kind: str, fr
     elif kind == "structured":
         x = torch.arange(5000, dtype=torch.float32) - 2500
     k = max(int(frac * x.numel()), 1)
-    thr, above, equal = streaming._kth_largest_abs(x, k)
+    if path == "radix-blocks":  # the fallback when the sampled bracket misses (heavily tied tensors)
+        thr, above, equal = streaming._radix_kth(x, k, whole=False)
+    else:
+        thr, above, equal = streaming._kth_largest_abs(x, k)
     want = torch.kthvalue(x.abs(), x.numel() - k + 1).values
     assert torch.equal(thr, want) and above == int((x.abs() > want).sum())
     assert equal == int((x.abs() == want).sum())
@@ -63,6 +72,7 @@ DARE = [
     {"density": 0.5, "rescale": "none", "seed": 1, "lambda_": 0.5},
     {"density": 0.0, "rescale": "l1", "seed": 0},
     {"density": 1.0, "rescale": "l1", "seed": 0},
+    {"density": [0.3, 1.0, 0.8], "rescale": "l1", "seed": 2},
 ]
 
 

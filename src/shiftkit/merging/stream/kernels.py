@@ -197,14 +197,18 @@ def ties_into_(acc: Tensor, taus: list[Tensor], weights: list[float], params: di
             ``taus[0]`` itself: the merged shift then replaces it.
         taus: T float32 shifts of that shape, owned by the caller; trimmed and scaled in place.
         weights: T weights.
-        params: resolved ``ties`` parameters (``density``, ``consensus``, ``normalize``, ``lambda_``).
+        params: resolved ``ties`` parameters (``density``: one, or one per input; ``consensus``,
+            ``normalize``, ``lambda_``).
 
     Example:
         >>> acc = theta0.clone()
         >>> ties_into_(acc, [tau1, tau2], [1.0, 1.0], {"density": 0.5, "consensus": "sum",
         ...            "normalize": True, "lambda_": 1.0})
     """
-    parallel_map(lambda t: _prune_(t, params["density"]), list(taus))
+    from shiftkit.merging.sparsify import per_input
+
+    densities = per_input(params["density"], len(taus), "TIES density")
+    parallel_map(lambda td: _prune_(*td), list(zip(taus, densities)))
     _elect_into_(acc, taus, weights, params)
 
 
@@ -227,12 +231,13 @@ def dare_ties_into_(
         >>> dare_ties_into_(acc, [tau1, tau2], [1.0, 1.0], {"density": 0.3, "rescale": "l1", "seed": 0,
         ...                 "consensus": "sum", "normalize": False, "lambda_": 1.0}, "fc.weight")
     """
-    from shiftkit.merging.sparsify import dare_keep_mask, key_seed
+    from shiftkit.merging.sparsify import dare_keep_mask, key_seed, per_input
 
-    density, rescale = params["density"], params["rescale"]
-    for i, t in enumerate(taus):
+    rescale = params["rescale"]
+    densities = per_input(params["density"], len(taus), "DARE density")
+    for i, (t, density) in enumerate(zip(taus, densities)):
         if density >= 1.0:
-            break
+            continue
         if density == 0.0:
             t.mul_(0.0)
             continue

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from contextlib import ExitStack, closing
@@ -118,7 +119,8 @@ class _Kernels:
         self.cache: dict[str, Any] = {}
 
     def get(self, params: dict[str, Any]) -> Any:
-        if self.off or any(isinstance(v, list) for v in params.values()):
+        # one value per input is the kernels' business only for the spec's per-input parameters
+        if self.off or any(isinstance(v, list) and k not in self.spec.per_input for k, v in params.items()):
             return None
         key = repr(sorted(params.items()))
         if key not in self.cache:
@@ -654,7 +656,20 @@ def _run(
             lean(res, taus, weights, job.out)
             _check_finite(job.out, res)
             return res
-        tau = _merge_one(spec, passes, job, taus, theta0, weights, params)
+        if (
+            workers > 1
+            and _numel(job) > _PREFETCH_MAX
+            and threading.current_thread() is threading.main_thread()
+        ):
+            # a large tensor merged by the general path runs alone (the workers are idle): give its
+            # element-wise operations every thread
+            torch.set_num_threads(workers)
+            try:
+                tau = _merge_one(spec, passes, job, taus, theta0, weights, params)
+            finally:
+                torch.set_num_threads(1)
+        else:
+            tau = _merge_one(spec, passes, job, taus, theta0, weights, params)
         return tau if as_shift else theta0.add_(tau.to(theta0.dtype))
 
     def _numel(job: Job) -> int:
