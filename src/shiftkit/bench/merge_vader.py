@@ -165,7 +165,10 @@ def _merge_methods(picked: list[str] | None) -> list[str]:
         if unknown:
             raise sk.ShiftkitError(f"unknown merge method(s) {unknown}; known: {', '.join(known)}")
         return [m for m in known if m in picked]
-    return known
+    # by default, the methods that merge the four domain experts at once, and slerp on a pair (not the
+    # two-input nuslerp, nearswap, arcee_fusion or the one-input passthrough: recipe methods for a base and
+    # one model, or for slices)
+    return [m for m in known if m == "slerp" or (sk.get_merge_method(m).max_inputs or 4) >= 4]
 
 
 def run_suite(
