@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 from torch import Tensor
 
 import shiftkit as sk
+from mk_llama import make_llamas, read_folder, run_mergekit, run_shiftkit
 from shiftkit.merging.registry import get_merge_method
 from shiftkit.merging.slerp import DOT_THRESHOLD, slerp_tensor
 
@@ -45,34 +44,10 @@ TINY = {
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A base and three fine-tunes (dense, sign-conflicting, sparse shifts) as HF folders."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("parity")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY))
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(7)
-    paths = {"base": root / "base"}
-    model.save_pretrained(paths["base"])
-    for i in range(3):
-        tuned = {}
-        for k, v in base.items():
-            d = torch.randn(v.shape, generator=g) * 0.01
-            if i == 1:
-                d = -0.7 * d + torch.randn(v.shape, generator=g) * 0.005
-            if i == 2:
-                d = d * (torch.rand(v.shape, generator=g) < 0.4)
-            tuned[k] = v + d
-        paths[f"ft{i}"] = root / f"ft{i}"
-        model.save_pretrained(paths[f"ft{i}"], state_dict=tuned)
-    return paths
+    return make_llamas(tmp_path_factory.mktemp("parity"), **TINY)
 
 
-def _read(folder: Path) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+_read = read_folder
 
 
 def _recipe(ckpts: dict[str, Path], case: dict[str, Any]) -> dict[str, Any]:
@@ -86,19 +61,11 @@ def _recipe(ckpts: dict[str, Path], case: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mergekit(mk: ModuleType, recipe: dict[str, Any], out: Path) -> dict[str, Tensor]:
-    config = mk.config.MergeConfiguration.model_validate(recipe)
-    options = mk.options.MergeOptions(
-        cuda=False, lazy_unpickle=False, quiet=True, copy_tokenizer=False, write_model_card=False
-    )
-    mk.merge.run_merge(config, str(out), options)
-    return _read(out)
+    return run_mergekit(mk, recipe, out)
 
 
 def _shiftkit(recipe: dict[str, Any], tmp: Path) -> dict[str, Tensor]:
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    sk.merge_recipe(path, tmp / "shiftkit", progress=False)
-    return _read(tmp / "shiftkit")
+    return run_shiftkit(recipe, tmp)
 
 
 W = {"weight": 1.0}

@@ -53,7 +53,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from shiftkit.core.io import save
 from shiftkit.core.shift import Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.stream.checkpoints import Checkpoint, open_checkpoint
+from shiftkit.merging.stream.runner import _finalise, _prefetched
 from shiftkit.methods.lora import LoRAConfig
 
 __all__ = ["ExtractedLayer", "LoraExtractSummary", "extract_lora"]
@@ -77,8 +78,6 @@ _INPUT_EMBEDDING = re.compile(
 #: module names (last component) of output heads (Linear layers over the vocabulary)
 _OUTPUT_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)$")
 _OTHERS = ("save", "skip")
-#: read the next target ahead on a thread only up to this many elements per input (32 MiB in float32)
-_PREFETCH_MAX = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -348,43 +347,7 @@ def _factorise(
     return a.cpu(), b.cpu(), report
 
 
-def _read_ahead(keys: list[str], load: Callable[[str], Any], numel: Callable[[str], int]) -> Iterator[Any]:
-    """Yield ``(key, load(key))`` while a thread reads the next (small enough) key (I/O releases the GIL)."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shiftkit-extract")
-    try:
-        ahead: Future[Any] | None = None
-        for i, k in enumerate(keys):
-            got = ahead.result() if ahead is not None else load(k)
-            ahead = None
-            if i + 1 < len(keys) and numel(keys[i + 1]) <= _PREFETCH_MAX:
-                ahead = pool.submit(load, keys[i + 1])
-            yield k, got
-            del got
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 # --- writing -----------------------------------------------------------------------------------------
-def _replace(tmp: Path, out: Path, force: bool) -> None:
-    """Move ``tmp`` to ``out``; with ``force`` an existing ``out`` is replaced once ``tmp`` is complete."""
-    old: Path | None = None
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise ShiftkitError(f"{out} already exists; pass force=True (--force) to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def _write_peft(
     shift: Shift,
     ranks: dict[str, int],
@@ -423,7 +386,7 @@ def _write_peft(
             (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         numel = sum(t.numel() for t in tensors.values())
         os.chmod(folder, 0o755)
-        _replace(folder, out, force)
+        _finalise(folder, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [out / CONFIG_NAME, out / WEIGHTS_NAME], numel
@@ -562,7 +525,7 @@ def _extract(
     order = [k for k, _ in plan.targets] + plan.others
     bar = tqdm(total=len(order), desc="extract-lora", unit="tensor", disable=not progress, leave=False)
     with torch.no_grad(), bar:
-        for key, (wb, wt) in _read_ahead(order, load, numel):
+        for key, (wb, wt) in _prefetched(order, load, numel):
             delta = wt.sub_(wb).to(dev)
             del wb
             if not bool(torch.isfinite(delta).all()):
