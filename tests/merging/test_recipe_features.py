@@ -253,3 +253,14 @@ def test_the_merge_api_reads_the_same_vocabulary_recipe(extended: dict[str, Path
     )
     sk.merge_recipe(recipe, tmp_path / "out", progress=False)
     assert read_folder(tmp_path / "out")["lm_head.weight"].shape[0] == 68
+
+
+def test_a_sliced_recipe_refuses_a_shift_file_output(llamas: dict[str, Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"slices:\n  - sources: [{{model: {llamas['ft0']}, layer_range: [0, 3]}}]\n"
+        "merge_method: passthrough\ndtype: float32\n"
+    )
+    with pytest.raises(sk.ShiftkitError, match="write it to a folder"):
+        sk.merge_recipe(recipe, tmp_path / "out.safetensors", progress=False)
+    assert not (tmp_path / "out.safetensors").exists()

@@ -98,3 +98,17 @@ def test_parallel_workers_yield_in_order_and_run_large_jobs_alone(monkeypatch: p
     assert alone == {3: (True, True), 6: (True, True)}  # the kernels may use the idle pool there
     assert all(not own for i, _, own in seen if sizes[i] <= 10)
     assert kernels._POOL["pool"] is None
+
+
+def test_new_error_paths_name_what_is_wrong(files: Path) -> None:
+    from shiftkit.merging.sparsify import per_input
+    from shiftkit.merging.ties import ties_multipass
+
+    with pytest.raises(sk.ShiftkitError, match="TIES density has 3 values for 2 inputs"):
+        per_input([0.1, 0.2, 0.3], 2, "TIES density")
+    with pytest.raises(sk.ShiftkitError, match="one density for every model"):
+        ties_multipass([1.0, 1.0], semantics="paper", density=[0.2, 0.5])
+    with open_checkpoint(files / "base.safetensors") as ck:
+        assert ck.can_read_rows("embed.weight") and not ck.can_read_rows("missing.weight")
+        with pytest.raises(sk.ShiftkitError, match="cannot be read in row blocks"):
+            ck.read_rows("missing.weight", 0, 1)

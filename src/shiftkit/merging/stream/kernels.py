@@ -23,6 +23,7 @@ __all__ = [
     "KernelFn",
     "dare_ties_into_",
     "dare_ties_kernel",
+    "owns_pool",
     "parallel_in",
     "parallel_map",
     "ties_into_",
@@ -59,6 +60,11 @@ def parallel_in(pool: Any) -> Iterator[None]:
         _POOL.update(pool=None, owner=None)
 
 
+def owns_pool() -> bool:
+    """Whether this thread runs inside :func:`parallel_in` (a large tensor alone, the workers idle)."""
+    return _POOL["pool"] is not None and _POOL["owner"] == threading.get_ident()
+
+
 def parallel_map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     """``[fn(x) for x in items]``, run on the streaming merge's idle workers when this thread may use them
     (inside :func:`parallel_in`; sequential anywhere else). ``fn`` must be safe to run concurrently: each
@@ -67,10 +73,9 @@ def parallel_map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     Example:
         >>> parallel_map(lambda c: out[c].copy_(src[c]), chunks)
     """
-    pool = _POOL["pool"]
-    if pool is None or len(items) < 2 or _POOL["owner"] != threading.get_ident():
+    if len(items) < 2 or not owns_pool():
         return [fn(x) for x in items]
-    return list(pool.map(fn, items))
+    return list(_POOL["pool"].map(fn, items))
 
 
 def _blocks(n: int, size: int = 0) -> list[slice]:

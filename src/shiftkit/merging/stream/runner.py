@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections import Counter
 from contextlib import ExitStack, closing
@@ -37,6 +36,7 @@ from torch import Tensor
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.registry import MergeSpec
 from shiftkit.merging.stream.checkpoints import Checkpoint, ShardedWriter, open_checkpoint, parse_size
+from shiftkit.merging.stream.kernels import owns_pool, parallel_in
 from shiftkit.merging.stream.plan import Job
 from shiftkit.merging.stream.recipe import ResolvedRecipe, load_recipe
 
@@ -157,6 +157,12 @@ def _check_finite(key: str, t: Tensor) -> None:
     # one reduction instead of an elementwise mask: NaN/Inf anywhere make the sum non-finite
     if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise ShiftkitError(f"merged tensor {key!r} has NaN or Inf: check the inputs for NaN/Inf")
+
+
+def _check_input(ck: Checkpoint, name: str, tau: Tensor) -> None:
+    # one reduction per tensor (not an elementwise mask): NaN/Inf make the sum non-finite
+    if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
+        raise ShiftkitError(f"{ck.path}: tensor {name!r} (or the base's) has NaN or Inf")
 
 
 def _out_dtype(recipe: ResolvedRecipe, ref: Checkpoint, key: str) -> torch.dtype:
@@ -453,24 +459,6 @@ def _prefetched(keys: list[Any], load: Any, numel: Any) -> Any:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _release_free_memory() -> None:
-    """Return freed heap memory to the OS (glibc's ``malloc_trim``; nothing elsewhere).
-
-    Each worker thread allocates its tensors in its own malloc arena, which keeps freed blocks for reuse;
-    trimming before the largest tensors keeps the peak resident set at one large tensor's inputs.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        return
-
-
 def _in_order(jobs: list[Any], produce: Any, numel: Any, workers: int) -> Any:
     """Yield ``(job, produce(job))`` in order, small jobs computed ``workers`` at a time.
 
@@ -482,8 +470,6 @@ def _in_order(jobs: list[Any], produce: Any, numel: Any, workers: int) -> Any:
     """
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
-
-    from shiftkit.merging.stream.kernels import parallel_in
 
     if workers <= 1:
         yield from _prefetched(jobs, produce, numel)
@@ -500,7 +486,6 @@ def _in_order(jobs: list[Any], produce: Any, numel: Any, workers: int) -> Any:
                 in_flight -= n
                 yield j, f.result()
             if big:  # the pool is idle: the kernel may split this tensor's work over it
-                _release_free_memory()  # what the workers freed goes back to the OS before the largest reads
                 with parallel_in(pool):
                     got = produce(job)
                 yield job, got
@@ -592,8 +577,7 @@ def _run(
                 tau = cks[ck_i].read(name, compute).to(device=dev, dtype=torch.float32)
                 for a, z, rows in _base_rows(job):
                     tau[a:z].sub_(rows)
-                if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
-                    raise ShiftkitError(f"{cks[ck_i].path}: tensor {name!r} (or the base's) has NaN or Inf")
+                _check_input(cks[ck_i], name, tau)
                 taus_lm.append(tau)
             return None, taus_lm
         wanted = ([job.base] if job.base is not None else []) + [
@@ -634,9 +618,7 @@ def _run(
                 taus.append(raw.pop((ck_i, name)).sub_(theta0))
             else:
                 taus.append(raw[(ck_i, name)].clone().sub_(theta0))
-            # one reduction per tensor (not an elementwise mask): NaN/Inf make the sum non-finite
-            if not bool(torch.isfinite(taus[-1].sum())) and not bool(torch.isfinite(taus[-1]).all()):
-                raise ShiftkitError(f"{ck.path}: tensor {name!r} (or the base's) has NaN or Inf")
+            _check_input(ck, name, taus[-1])
         return theta0, taus
 
     def _merge_job(job: Job, theta0: Tensor | None, taus: list[Tensor]) -> Tensor:
@@ -656,11 +638,7 @@ def _run(
             lean(res, taus, weights, job.out)
             _check_finite(job.out, res)
             return res
-        if (
-            workers > 1
-            and _numel(job) > _PREFETCH_MAX
-            and threading.current_thread() is threading.main_thread()
-        ):
+        if owns_pool():
             # a large tensor merged by the general path runs alone (the workers are idle): give its
             # element-wise operations every thread
             torch.set_num_threads(workers)

@@ -43,8 +43,6 @@ from shiftkit.merging.stream.recipe import ResolvedRecipe
 
 __all__ = ["VocabMap", "build_vocab"]
 
-#: names of the tensors with one row per token (input embeddings and output heads)
-_VOCAB_NAME = VOCAB_TENSOR
 _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -144,7 +142,7 @@ class VocabMap:
         ck_i, name = job.ref
         shape = self.cks[ck_i].shape(name)
         return (
-            bool(_VOCAB_NAME.search(job.out))
+            bool(VOCAB_TENSOR.search(job.out))
             and shape is not None
             and len(shape) == 2
             and shape[0] == self.vocab_sizes.get(ck_i, -1)
