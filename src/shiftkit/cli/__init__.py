@@ -18,6 +18,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "learn",
     "fold",
     "merge",
+    "compress",
     "extract_lora",  # the command is "extract-lora"
     "adapt",
     "inspect",

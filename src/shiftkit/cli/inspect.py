@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 from typing import Any
 
@@ -29,21 +31,40 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def summarize(path: str) -> dict[str, Any]:
     """A JSON-safe summary of the shift file at ``path``."""
+    from shiftkit.core.encoding import encoded_layout
     from shiftkit.core.io import load, read_metadata
     from shiftkit.core.shift import DELTA, split_key
 
     meta = read_metadata(path)
     shift = load(path)
     modules: dict[str, dict[str, list[int]]] = {name: {} for name in shift.base}
-    for key, t in shift.tensors.items():
+    shapes = (
+        {k: list(v[0]) for k, v in encoded_layout(shift).items()}
+        if shift.encoding is not None
+        else {k: list(t.shape) for k, t in shift.tensors.items()}
+    )
+    for key, shape in shapes.items():
         if shift.method == DELTA:
-            modules.setdefault(key, {})["delta"] = list(t.shape)
+            modules.setdefault(key, {})["delta"] = shape
         else:
             name, role = split_key(key, shift.base)
-            modules[name][role] = list(t.shape)
+            modules[name][role] = shape
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in shift.tensors.values()})
+    compressed = None
+    if shift.encoding is not None:
+        entries = sum(math.prod(s) for s in shapes.values())
+        size = os.path.getsize(path)
+        compressed = {
+            "method": shift.encoding.get("method"),
+            "params": shift.encoding.get("params", {}),
+            "entries": entries,
+            "payload_bytes": shift.nbytes,
+            "ratio_vs_fp32": 4 * entries / max(size, 1),
+            "ratio_vs_bf16": 2 * entries / max(size, 1),
+        }
     return {
         "file": path,
+        "compressed": compressed,
         "file_bytes": os.path.getsize(path),
         "method": shift.method,
         "config": meta["config"],
@@ -74,6 +95,16 @@ def run(args: argparse.Namespace) -> int:
         {"field": "bytes (tensors / file)", "value": f"{info['tensor_bytes']:,} / {info['file_bytes']:,}"},
         {"field": "dtypes", "value": ", ".join(info["dtypes"])},
     ]
+    comp = info["compressed"]
+    if comp:
+        rows += [
+            {"field": "compressed", "value": f"{comp['method']} {json.dumps(comp['params'])}"},
+            {"field": "decoded entries", "value": f"{comp['entries']:,}"},
+            {
+                "field": "file vs dense fp32 / bf16",
+                "value": f"{comp['ratio_vs_fp32']:.1f}x / {comp['ratio_vs_bf16']:.1f}x smaller",
+            },
+        ]
     rows += [{"field": f"config.{k}", "value": v} for k, v in cfg.items()]
     print(format_table(rows, ["field", "value"]))
     if args.modules:

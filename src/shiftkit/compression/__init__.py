@@ -2,11 +2,13 @@
 early pruning), one file per compressor, each registered by one decorator
 (:mod:`~shiftkit.compression.registry`).
 
-Importing this package registers the built-in compressors (none yet: the compression issue adds them).
+Importing this package registers the built-in compressors.
 """
 
 from __future__ import annotations
 
+from shiftkit.compression import compeft as compeft
+from shiftkit.compression.api import compress, decompress
 from shiftkit.compression.registry import (
     COMPRESS_METHODS,
     CompressSpec,
@@ -15,4 +17,12 @@ from shiftkit.compression.registry import (
     register_method,
 )
 
-__all__ = ["COMPRESS_METHODS", "CompressSpec", "get_method", "list_methods", "register_method"]
+__all__ = [
+    "COMPRESS_METHODS",
+    "CompressSpec",
+    "compress",
+    "decompress",
+    "get_method",
+    "list_methods",
+    "register_method",
+]

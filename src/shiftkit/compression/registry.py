@@ -6,58 +6,48 @@ A compressor is one file in this package with one decorator on its ``compress`` 
     def mine(shift: Shift, *, bits: int = 4) -> Shift: ...
 
 ``compress(shift, **params)`` returns a new :class:`~shiftkit.core.shift.Shift` holding the encoded payload
-(what ``shift.nbytes`` and the file size count); ``decompress(shift)`` returns the dense delta it encodes.
-Everything else (``sk.compress``, ``shiftkit compress``, the conformance tests) reads the spec.
+(what ``shift.nbytes`` and the file size count) with ``encoding`` set; ``decompress(shift)`` returns the
+shift it encodes, with dense tensors. Everything else (``sk.compress``, ``shiftkit compress``, the
+conformance tests, and every verb that accepts a compressed shift) reads the spec. The registry object
+itself lives in :mod:`shiftkit.core.encoding`, below the verbs, so that ``sk.merge`` and ``sk.apply_``
+can decode without importing this package.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from shiftkit.core.registry import Registry
+from torch import Tensor
+
+from shiftkit.core.encoding import COMPRESS_METHODS, CompressFn, CompressSpec
 from shiftkit.core.shift import Shift
 
 __all__ = ["COMPRESS_METHODS", "CompressSpec", "get_method", "list_methods", "register_method"]
 
-#: ``compress(shift, **params) -> Shift`` (the encoded shift)
-CompressFn = Callable[..., Shift]
-
-
-@dataclass(frozen=True)
-class CompressSpec:
-    """What the registry knows about a compressor.
-
-    Attributes:
-        name: registry name, equal to the compressor's file name (``"compeft"``).
-        compress: ``compress(shift, **params) -> Shift``, the encoded shift.
-        decompress: ``decompress(encoded) -> Shift``, the dense delta it encodes.
-        lossless: parameter values under which ``decompress(compress(s))`` equals ``s`` exactly (property
-            tests use them); empty when no setting is lossless.
-    """
-
-    name: str
-    compress: CompressFn
-    decompress: Callable[[Shift], Shift]
-    lossless: Mapping[str, Any] = field(default_factory=dict)
-
-
-COMPRESS_METHODS: Registry[CompressSpec] = Registry("compression method", package="shiftkit.compression")
-
 
 def register_method(
-    name: str, *, decompress: Callable[[Shift], Shift], lossless: Mapping[str, Any] | None = None
+    name: str,
+    *,
+    decompress: Callable[[Shift], Shift],
+    decompress_tensor: Callable[[Shift, str], Tensor] | None = None,
+    stream: Callable[..., Shift] | None = None,
+    lossless: Mapping[str, Any] | None = None,
 ) -> Callable[[CompressFn], CompressFn]:
     """Decorator registering a ``compress`` function under ``name`` (from any module, yours included).
 
+    ``decompress_tensor(encoded, name)`` decodes one tensor, so streaming merges decode tensor by tensor;
+    ``stream(source, **params)`` compresses a streamed source (``shiftkit compress --base``).
+
     Example:
-        >>> @register_method("fp16", decompress=lambda s: s.to(dtype=torch.float32))
-        ... def fp16(shift): return shift.to(dtype=torch.float16)
+        >>> @register_method("mine", decompress=mine_decompress)
+        ... def mine(shift: Shift, *, bits: int = 4) -> Shift: ...
     """
 
     def deco(fn: CompressFn) -> CompressFn:
-        COMPRESS_METHODS.add(name, CompressSpec(name, fn, decompress, dict(lossless or {})))
+        COMPRESS_METHODS.add(
+            name, CompressSpec(name, fn, decompress, decompress_tensor, stream, dict(lossless or {}))
+        )
         return fn
 
     return deco

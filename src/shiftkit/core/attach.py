@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shiftkit.core.config import ShiftConfig
+from shiftkit.core.encoding import decoded
 from shiftkit.core.registry import MethodSpec, get_method
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.targets import iter_base_modules, match_names, match_targets
@@ -105,6 +106,7 @@ def attach_(model: nn.Module, shift: ShiftConfig | Shift) -> nn.Module:
             f"shift attached on {len(existing)} module(s); call sk.detach_(model) or sk.fold_(model) first"
         )
     if isinstance(shift, Shift):
+        shift = decoded(shift)  # a compressed shift attaches as the shift it encodes
         if shift.method == DELTA:
             raise ShiftkitError("a dense delta is added with sk.apply_(model, delta), not attached")
         if shift.config is None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from shiftkit.core.attach import attached_wrappers
+from shiftkit.core.encoding import decoded
 from shiftkit.core.registry import get_method
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.tying import (
@@ -137,7 +138,7 @@ def to_delta(
         >>> merged = sk.merge([tv, other_tv], method="ties", density=0.2)
     """
     if isinstance(source, Shift):
-        return _shift_delta(source, base, dtype)
+        return _shift_delta(decoded(source), base, dtype)
     wrappers = attached_wrappers(source)
     if not wrappers:
         raise ShiftkitError("cannot compute a delta: no shift is attached to this model")
@@ -220,6 +221,7 @@ def apply_(model: nn.Module, delta: Shift, scale: float = 1.0, *, untie: bool = 
     Example:
         >>> sk.apply_(model, sk.task_vector(base, tuned), scale=0.7)
     """
+    delta = decoded(delta)  # a compressed delta is decoded first
     if not isinstance(delta, Shift) or delta.method != DELTA:
         got = delta.method if isinstance(delta, Shift) else type(delta).__name__
         raise ShiftkitError(f"apply_ adds dense deltas (method 'delta'); got {got!r}: use sk.attach_ instead")

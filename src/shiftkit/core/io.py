@@ -3,7 +3,9 @@
 Layout: tensors keyed as in :class:`~shiftkit.core.shift.Shift`, and one metadata entry ``"shiftkit"``
 holding JSON ``{"method", "config", "format_version", "shiftkit_version", "base": {name: shape}}``, plus
 ``"aliases": {name: stored name}`` when the shift holds one tensor under several names (a task vector of a
-model with tied weights): the tensor is stored once and every name gets it back on load.
+model with tied weights): the tensor is stored once and every name gets it back on load. A compressed
+shift (``sk.compress``) adds ``"encoding"`` (see :class:`~shiftkit.core.shift.Shift`) and stores its encoded
+payload as the tensors, so the file is as small as the encoding.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from safetensors.torch import save as serialize
 
 from shiftkit._fileio import atomic_write_bytes
 from shiftkit.core.config import config_to_dict
+from shiftkit.core.encoding import COMPRESS_METHODS, encoded_layout
 from shiftkit.core.registry import config_from_dict
 from shiftkit.core.shift import DELTA, Shift, split_key
 from shiftkit.errors import CorruptFileError, ShiftkitError
@@ -79,6 +82,8 @@ def save(shift: Shift, path: str | os.PathLike[str]) -> None:
         "shiftkit_version": _version(),
         "base": {k: list(v) for k, v in shift.base.items()},
     }
+    if shift.encoding is not None:
+        meta["encoding"] = shift.encoding
     aliases = shift.aliases()
     if aliases:
         meta["aliases"] = aliases
@@ -166,6 +171,14 @@ def load(path: str | os.PathLike[str]) -> Shift:
         if stored not in tensors or alias in tensors:
             raise CorruptFileError(f"{path}: alias {alias!r} of {stored!r} does not fit the stored tensors")
         tensors[str(alias)] = tensors[stored]
+    encoding = meta.get("encoding")
+    if encoding is not None:
+        if not isinstance(encoding, dict) or not isinstance(encoding.get("method"), str):
+            raise CorruptFileError(f"{path}: 'encoding' must be an object naming its compressor")
+        COMPRESS_METHODS.get(encoding["method"])  # UnknownMethodError names the known compressors
+        shift = Shift(method, config, tensors, base, encoding)
+        encoded_layout(shift)  # CorruptFileError for a garbled tensor table
+        return shift
     if method != DELTA:
         for key in tensors:
             try:

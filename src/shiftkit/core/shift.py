@@ -27,6 +27,11 @@ class Shift:
         config: the method config; ``None`` for deltas.
         tensors: named tensors keyed ``<module name>.<role>`` (methods) or ``<parameter name>`` (deltas).
         base: what the shift was made for: module name (methods) or parameter name (deltas) → shape.
+        encoding: ``None`` for an ordinary shift. For a compressed one (``sk.compress``): how its
+            ``tensors`` (the encoded payload) decode to the shift that ``method``, ``config`` and ``base``
+            describe: ``{"method": <compressor>, "params": {...}, "tensors": {name: {"shape", "dtype"}}}``.
+            ``sk.apply_``, ``sk.attach_``, ``sk.merge`` and ``ShiftPool`` decode it on their own;
+            ``sk.decompress`` does it explicitly.
 
     Deltas support ``+``, ``-``, unary ``-`` and ``* scalar``; other methods must be turned into a
     delta first (``sk.to_delta(model)``), because their tensors do not add linearly.
@@ -41,6 +46,7 @@ class Shift:
     config: ShiftConfig | None
     tensors: dict[str, Tensor]
     base: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    encoding: dict[str, Any] | None = None
 
     # --- container ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -64,8 +70,16 @@ class Shift:
         return list({id(t): t for t in self.tensors.values()}.values())
 
     @property
+    def compressed(self) -> bool:
+        """Whether the tensors are an encoded payload (see ``encoding``)."""
+        return self.encoding is not None
+
+    @property
     def nbytes(self) -> int:
-        """Total bytes of the tensors (a tensor held under several names counts once)."""
+        """Total bytes of the tensors (a tensor held under several names counts once).
+
+        For a compressed shift this is the encoded payload, which is what its file stores.
+        """
         return sum(t.numel() * t.element_size() for t in self._unique())
 
     @property
@@ -89,6 +103,19 @@ class Shift:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Shift:
         """A copy with floating tensors moved to ``device`` and/or cast to ``dtype``."""
+        if self.encoding is not None:
+            if dtype is not None:
+                raise ShiftkitError(
+                    f"cannot cast a compressed ({self.encoding.get('method')}) shift: its tensors are an "
+                    "encoded payload; sk.decompress(shift) first"
+                )
+            return Shift(
+                self.method,
+                self.config,
+                _map(self.tensors, lambda t: t.to(device=device)),
+                dict(self.base),
+                self.encoding,
+            )
         return Shift(
             self.method,
             self.config,
@@ -97,13 +124,19 @@ class Shift:
         )
 
     def __repr__(self) -> str:
+        enc = f", compressed={self.encoding.get('method')!r}, nbytes={self.nbytes:,}" if self.encoding else ""
         return (
             f"Shift(method={self.method!r}, tensors={len(self.tensors)}, numel={self.numel:,}, "
-            f"modules={len(self.base)})"
+            f"modules={len(self.base)}{enc})"
         )
 
     # --- arithmetic on deltas -------------------------------------------------------------------
     def _require_delta(self, op: str) -> None:
+        if self.encoding is not None:
+            raise ShiftkitError(
+                f"'{op}' needs dense tensors, but this shift is compressed ({self.encoding.get('method')}): "
+                "sk.decompress(shift) first"
+            )
         if self.method != DELTA:
             raise ShiftkitError(
                 f"'{op}' needs dense deltas, but this shift is {self.method!r}; "
@@ -148,8 +181,10 @@ class Shift:
         return self * -1.0
 
     def allclose(self, other: Shift, *, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
-        """True if ``other`` has the same method, keys and shapes and close tensors."""
+        """True if ``other`` has the same method, encoding, keys and shapes and close tensors."""
         if self.method != other.method or set(self.tensors) != set(other.tensors):
+            return False
+        if self.encoding != other.encoding:
             return False
         return all(
             self.tensors[k].shape == other.tensors[k].shape

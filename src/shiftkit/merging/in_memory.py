@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from shiftkit.core.delta import to_delta
+from shiftkit.core.encoding import decoded
 from shiftkit.core.registry import get_method
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
@@ -47,6 +48,7 @@ def _as_deltas(shifts: Sequence[Shift]) -> list[Shift]:
     for i, s in enumerate(shifts):
         if not isinstance(s, Shift):
             raise ShiftkitError(f"merge input {i} is a {type(s).__name__}, not a Shift")
+        s = decoded(s)  # a compressed input is decoded first
         if s.method != DELTA:
             if get_method(s.method).dense is None:
                 raise ShiftkitError(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from shiftkit.core import functional as skf
 from shiftkit.core.delta import to_delta
+from shiftkit.core.encoding import decoded
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.in_memory import merge
@@ -182,6 +183,7 @@ def merge_lora(
         raise ShiftkitError(f"unknown output {output!r}; use one of {list(_OUTPUTS)}")
     if isinstance(shifts, Shift) or not isinstance(shifts, Sequence) or not shifts:
         raise ShiftkitError("merge_lora needs a non-empty list of Shift values")
+    shifts = [decoded(s) for s in shifts]  # compressed LoRA shifts are decoded first
     loras = [s for s in shifts if isinstance(s, Shift) and s.method == "lora"]
     if not loras or not all(adapted_modules(s) for s in loras):
         raise ShiftkitError("merge_lora needs LoRA shifts with factors; merge dense deltas with sk.merge")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from shiftkit.core.attach import attached_wrappers
+from shiftkit.core.encoding import decoded
 from shiftkit.core.shift import DELTA, Shift
 from shiftkit.core.tying import collapse_tied, model_names
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
@@ -177,6 +178,7 @@ class AtlasBlocks:
         own = names.first()
         tvs: list[dict[str, Tensor]] = []
         for i, tv in enumerate(task_vectors):
+            tv = decoded(tv)
             if not isinstance(tv, Shift) or tv.method != DELTA:
                 got = tv.method if isinstance(tv, Shift) else type(tv).__name__
                 raise ShiftkitError(f"task vector {i} must be a delta Shift (sk.task_vector), got {got!r}")

@@ -29,6 +29,7 @@ from torch import nn
 from shiftkit.core.attach import attach_, detach_
 from shiftkit.core.config import config_to_dict
 from shiftkit.core.delta import to_delta
+from shiftkit.core.encoding import decoded
 from shiftkit.core.io import atomic_save_tensors
 from shiftkit.core.registry import config_from_dict
 from shiftkit.core.shift import DELTA, Shift, split_key
@@ -111,6 +112,7 @@ class ShiftPool:
             raise ShiftkitError(f"the pool already has a member {name!r}; remove it first")
         if not isinstance(shift, Shift):
             raise ShiftkitError(f"pool member {name!r} must be a Shift, got {type(shift).__name__}")
+        shift = decoded(shift)  # a compressed member is decoded once, here
         if self._members:
             self._check(name, shift)
         self._members[name] = shift

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shiftkit.core.encoding import decoded, decoded_tensor, encoded_layout
 from shiftkit.core.registry import get_method
 from shiftkit.errors import CorruptFileError, ShiftkitError, ShiftMismatchError, TiedWeightsError
 from shiftkit.merging.stream.shards import ST_TO_TORCH, ShardedWriter, dtype_name, parse_size
@@ -127,8 +128,13 @@ class Checkpoint:
         ...     w = ck.read("model.embed_tokens.weight", torch.float32)
     """
 
-    def __init__(self, path: Path, kind: str, infos: dict[str, TensorInfo], shift: Any = None) -> None:
+    def __init__(
+        self, path: Path, kind: str, infos: dict[str, TensorInfo], shift: Any = None, encoded: Any = None
+    ) -> None:
         self.path = path
+        # a compressed delta (sk.compress): its tensors decode one at a time as they are read
+        self._encoded = encoded
+        self._layout = {} if encoded is None else encoded_layout(encoded)
         self.kind = kind
         self.is_shift = kind.startswith("shift:")
         self.infos = infos
@@ -149,6 +155,8 @@ class Checkpoint:
             >>> "lm_head.weight" in ck.keys()
             True
         """
+        if self._encoded is not None:
+            return list(self._layout)
         return list(self._dense_keys) if self._dense is not None else list(self.infos)
 
     def shape(self, key: str) -> tuple[int, ...] | None:
@@ -158,6 +166,8 @@ class Checkpoint:
             >>> ck.shape("model.norm.weight")
             (512,)
         """
+        if key in self._layout:
+            return self._layout[key][0]
         return self.infos[key].shape if key in self.infos else None
 
     def dtype(self, key: str) -> torch.dtype:
@@ -167,6 +177,8 @@ class Checkpoint:
             >>> ck.dtype("model.norm.weight")
             torch.bfloat16
         """
+        if key in self._layout:
+            return self._layout[key][1]
         return self.infos[key].dtype if key in self.infos else torch.float32
 
     @property
@@ -177,6 +189,8 @@ class Checkpoint:
             >>> ck.nbytes
             281067520
         """
+        if self._encoded is not None:
+            return int(self._encoded.nbytes)
         return sum(i.nbytes for i in self.infos.values())
 
     def read(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
@@ -186,6 +200,9 @@ class Checkpoint:
             >>> ck.read("lm_head.weight", torch.float32).shape
             torch.Size([32000, 512])
         """
+        if self._encoded is not None:
+            t = decoded_tensor(self._encoded, key)
+            return t.to(dtype) if dtype is not None else t
         if self._dense is not None:
             t = self._dense.tensor(self._shift, key)
             return t.to(dtype) if dtype is not None else t
@@ -315,11 +332,18 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return Checkpoint(p, "safetensors", infos)
     from shiftkit.core.io import load, read_metadata
 
-    method = str(read_metadata(p)["method"])
+    meta = read_metadata(p)
+    method = str(meta["method"])
+    shift = None
+    if meta.get("encoding") is not None:  # a compressed shift: decoded tensor by tensor as it is read
+        shift = load(p)
+        if method == "delta":
+            return Checkpoint(p, "shift:delta", {}, encoded=shift)
+        shift = decoded(shift)
     if method == "delta":
         return Checkpoint(p, "shift:delta", infos)
     if get_method(method).dense is not None:
-        return Checkpoint(p, f"shift:{method}", {}, shift=load(p))
+        return Checkpoint(p, f"shift:{method}", {}, shift=load(p) if shift is None else shift)
     raise ShiftkitError(
         f"{p} is a {method!r} shift, whose weight changes need the base weights; merge reads deltas and "
         "shifts that define their changes alone (LoRA): attach it and save sk.to_delta(model) first"
