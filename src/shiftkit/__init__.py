@@ -62,6 +62,7 @@ _API: dict[str, str] = {
     "list_compress_methods": "shiftkit.compression.registry",
     "compress": "shiftkit.compression.api",
     "decompress": "shiftkit.compression.api",
+    "quantize_": "shiftkit.compression.api",
     "merge_recipe": "shiftkit.merging.stream.runner",
     "MergeSummary": "shiftkit.merging.stream.runner",
     "merge_lora": "shiftkit.merging.lowrank",
@@ -108,7 +109,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from shiftkit.compression.api import compress, decompress
+    from shiftkit.compression.api import compress, decompress, quantize_
     from shiftkit.compression.registry import list_methods as list_compress_methods
     from shiftkit.core.attach import (
         attach_,

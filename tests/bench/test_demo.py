@@ -97,6 +97,27 @@ def _sections_payload() -> dict[str, Any]:
         "lora_params": 10,
         "train_seconds": 1.0,
     }
+    payload["compress"] = {
+        "domains": DOMAINS,
+        "rows": [
+            {
+                "row": "fp32",
+                "bytes": {d: 400 for d in DOMAINS},
+                "total_bytes": 1600,
+                "ratio": 1.0,
+                "accuracy": acc,
+                "mean": 0.5,
+            },
+            {
+                "row": "compeft <d>",
+                "bytes": {d: 25 for d in DOMAINS},
+                "total_bytes": 100,
+                "ratio": 16.0,
+                "accuracy": acc,
+                "mean": 0.5,
+            },
+        ],
+    }
     payload["adapt"] = {
         "corruptions": ["fog"],
         "severity": 5,
@@ -116,9 +137,15 @@ def test_demo_sections_tables_and_report() -> None:
     fold_rows = tables[1][2]
     assert [r["vs base"] for r in fold_rows] == ["1.00x", "0.75x", "1.05x"]  # 150/200, 210/200
     assert fold_rows[2]["max |Δ logits|"] == "3.0e-06" and fold_rows[1]["parameters"] == "1.1k"
-    assert tables[2][3] == ["model", *DOMAINS, "mean"] and tables[3][2][0]["fog"] == "30.0"
+    assert tables[2][3] == ["model", *DOMAINS, "mean"] and tables[4][2][0]["fog"] == "30.0"
+    assert tables[3][2][1]["smaller"] == "16.0x" and tables[3][2][1]["bytes (4 files)"] == "100 B"
     page = render_demo_html(payload)
-    assert page.count("<h2>") == 4 and "&lt;ties&gt;" in page and "<ties>" not in page
+    assert (
+        page.count("<h2>") == 5
+        and "compeft &lt;d&gt;" in page
+        and "&lt;ties&gt;" in page
+        and "<ties>" not in page
+    )
     assert page.count("<svg") == 2  # the learn section's two charts
 
 
@@ -153,7 +180,7 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--json", str(extra)]) == 0
     printed = capsys.readouterr().out
     assert "max fold diff" in printed and "report.html" in printed
-    for heading in ("learn: ", "fold: ", "merge: ", "adapt: "):
+    for heading in ("learn: ", "fold: ", "merge: ", "compress: ", "adapt: "):
         assert f"\n{heading}" in printed, heading
 
     payload = json.loads((out / "results.json").read_text())
@@ -193,6 +220,15 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for r in merge["rows"]:
         assert r["mean"] == pytest.approx(sum(r["accuracy"].values()) / 4)
 
+    # compress: the four LoRA experts, uncompressed then each compressor; smaller files, same experts
+    comp = payload["compress"]
+    assert [r["compressor"] for r in comp["rows"]] == ["none", "compeft", "bcq"]
+    for r in comp["rows"][1:]:
+        assert r["ratio"] > 1 and set(r["accuracy"]) == set(DOMAINS)
+    assert comp["rows"][0]["accuracy"] == {
+        d: merge["rows"][1 + i]["accuracy"][d] for i, d in enumerate(DOMAINS)
+    }
+
     # adapt: every method scored on every corruption; test-batch statistics beat the source model
     adapt = payload["adapt"]
     assert list(adapt["runs"]) == ["source", "norm", "tent"]
@@ -203,6 +239,6 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert adapt["runs"]["norm"]["mean_error"] < adapt["runs"]["source"]["mean_error"]
 
     html = (out / "report.html").read_text()
-    assert html.count("<svg") == 2 and html.count("<table>") == 4 and html.count("<h2>") == 4
+    assert html.count("<svg") == 2 and html.count("<table>") == 5 and html.count("<h2>") == 5
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staged leftovers
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

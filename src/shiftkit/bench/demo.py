@@ -1,4 +1,5 @@
-"""``shiftkit demo``: every verb of shiftkit in one run — learn, fold, merge, adapt — with one table each.
+"""``shiftkit demo``: every verb of shiftkit in one run — learn, fold, merge, compress, adapt — with one table
+each.
 
 * **learn**: a linear probe, full fine-tuning, LoRA, SSF and BitFit are trained on the same sentences of one
   VADER domain (binary sentiment, ``|score| > 0.5``) and tested on held-out sentences of every domain, so the
@@ -11,6 +12,9 @@
 * **merge**: one LoRA expert per domain, all from one start θ0 (the encoder plus one probe head trained on
   every domain, then frozen), merged into a single model by task arithmetic and by breadcrumbs (the best
   LoRA merge of ``shiftkit bench merge-vader``, with the coefficients that suite chose on validation).
+* **compress**: the four LoRA experts of the merge section compressed with ComPEFT (``sk.compress``,
+  density 0.1, α as ``shiftkit bench compress-vader`` chose it on validation) and with binary-coding
+  quantisation (3 bits): file sizes before and after, and each expert's accuracy on its own domain kept.
 * **adapt**: an EfficientNet-Lite0 Fashion-MNIST classifier on a stream of corrupted images (Fashion-MNIST-C
   built from the CIFAR-10-C definitions), without adaptation (``source``), with test-batch statistics
   (``norm``) and with TENT, reset at each corruption.
@@ -27,7 +31,7 @@ The learn settings, method plans and training rows are shared with ``shiftkit be
 Example:
     >>> payload = run_demo(DemoSettings(), "runs/demo")
     >>> payload["sections"]
-    ['learn', 'fold', 'merge', 'adapt']
+    ['learn', 'fold', 'merge', 'compress', 'adapt']
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from shiftkit.bench.report import (
     environment,
     footer,
     html_table,
+    human_bytes,
     human_count,
     learn_section_html,
     table_rows,
@@ -86,9 +91,13 @@ __all__ = [
 ]
 
 #: the demo's sections, in order: one table each in the terminal and in ``report.html``
-SECTIONS: tuple[str, ...] = ("learn", "fold", "merge", "adapt")
+SECTIONS: tuple[str, ...] = ("learn", "fold", "merge", "compress", "adapt")
 
 LEARN_METHODS: tuple[str, ...] = ("probe", "full", "lora", "ssf", "bitfit")
+
+#: ComPEFT's α for the demo's LoRA experts at density 0.1 (``compress-vader`` picks α per expert on
+#: validation; the demo has no validation split, so it takes the value that suite chose most often)
+COMPEFT_ALPHA = 1.0
 
 
 def _merge_experts() -> ExpertSettings:
@@ -114,7 +123,8 @@ class DemoSettings:
         learn: the learn section (MiniLM on one VADER domain, methods in ``learn.methods``).
         fold_method: the learn section's shift shown attached and folded (it must be one of
         ``learn.methods``). merge: the per-domain experts of the merge section. merges: ``(method, λ)`` pairs;
-        λ as ``merge-vader`` chose it on validation for LoRA experts. source: the adapt section's
+        λ as ``merge-vader`` chose it on validation for LoRA experts. compressions: ``(compressor, params)``
+        applied to each LoRA expert of the merge section. source: the adapt section's
         Fashion-MNIST source model. corruptions: the adapt stream's corruptions, one after the other (severity
         ``severity``). severity: corruption severity (1-5). adapt_images: Fashion-MNIST test images per
         corruption. adapt_batch: stream batch size. adapt_methods: registered TTA methods to run (``source``
@@ -125,6 +135,10 @@ class DemoSettings:
     fold_method: str = "lora"
     merge: ExpertSettings = field(default_factory=_merge_experts)
     merges: tuple[tuple[str, float], ...] = (("task_arithmetic", 0.5), ("breadcrumbs", 1.0))
+    compressions: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("compeft", {"density": 0.1, "alpha": COMPEFT_ALPHA}),
+        ("bcq", {"bits": 3, "group_size": 64}),
+    )
     source: SourceSettings = field(default_factory=_adapt_source)
     corruptions: tuple[str, ...] = ("gaussian_noise", "defocus_blur", "fog", "contrast")
     severity: int = 5
@@ -251,15 +265,19 @@ def _run(s: DemoSettings, stage: Path, progress: bool | None, say: Callable[[str
     merge = _merge(s, progress, say)
     timings["merge_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
+    compress = _compress(s, merge.pop("_experts"), merge.pop("_data"), say)
+    timings["compress_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
     adapt_ = _adapt(s, progress, say)
     timings["adapt_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - t0
     return {
-        "title": "shiftkit demo: learn, fold, merge and adapt parameter shifts",
+        "title": "shiftkit demo: learn, fold, merge, compress and adapt parameter shifts",
         "sections": list(SECTIONS),
         **learn,
         "fold": fold,
         "merge": merge,
+        "compress": compress,
         "adapt": adapt_,
         "demo_settings": dataclasses.asdict(s),
         "timings": timings,
@@ -398,6 +416,8 @@ def _merge(s: DemoSettings, progress: bool | None, say: Callable[[str], None]) -
         say(f"merge {name}: mean {rows[-1]['mean']:.3f} ({seconds:.1f} s to merge)")
     lora_params = sum(t.numel() for t in experts.lora[DOMAINS[0]].tensors.values())
     return {
+        "_experts": experts,
+        "_data": data,
         "domains": list(DOMAINS),
         "settings": dataclasses.asdict(es),
         "rows": rows,
@@ -405,6 +425,54 @@ def _merge(s: DemoSettings, progress: bool | None, say: Callable[[str], None]) -
         "train_seconds": sum(experts.info[f"lora-{d}"]["seconds"] for d in DOMAINS),
         "theta0_head_seconds": experts.info["theta0_head"]["seconds"],
     }
+
+
+# --- compress ----------------------------------------------------------------------------------------
+def _compress(s: DemoSettings, experts: Any, data: Any, say: Callable[[str], None]) -> dict[str, Any]:
+    """Each LoRA expert compressed every way of ``s.compressions``: file bytes and own-domain accuracy."""
+    from shiftkit.recipes.vader_experts import DOMAINS, evaluate, with_delta
+
+    def own(d: str, delta: sk.Shift) -> float:
+        with with_delta(data, delta) as model:
+            return evaluate(model, {d: data.test_batches[d]})[d]
+
+    def file_bytes(shift: sk.Shift) -> int:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "s.safetensors"
+            sk.save(shift, path)
+            return path.stat().st_size
+
+    dense = {d: experts.lora[d] for d in DOMAINS}
+    rows: list[dict[str, Any]] = [
+        {
+            "row": "LoRA experts as trained (fp32)",
+            "compressor": "none",
+            "bytes": {d: file_bytes(dense[d]) for d in DOMAINS},
+            "accuracy": {d: own(d, experts.lora_delta[d]) for d in DOMAINS},  # as the merge section
+            "seconds": 0.0,
+        }
+    ]
+    for name, params in s.compressions:
+        t = time.perf_counter()
+        small = {d: sk.compress(dense[d], method=name, **params) for d in DOMAINS}
+        seconds = time.perf_counter() - t
+        label = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+        rows.append(
+            {
+                "row": f"{name} ({label})",
+                "compressor": name,
+                "bytes": {d: file_bytes(small[d]) for d in DOMAINS},
+                "accuracy": {d: own(d, sk.to_delta(small[d])) for d in DOMAINS},  # decodes, then s·B A
+                "seconds": seconds,
+            }
+        )
+        ratio = sum(rows[0]["bytes"].values()) / sum(rows[-1]["bytes"].values())
+        say(f"compress {name}: {ratio:.1f}x smaller, own-domain accuracy kept")
+    for r in rows:
+        r["total_bytes"] = sum(r["bytes"].values())
+        r["ratio"] = rows[0]["total_bytes"] / r["total_bytes"]
+        r["mean"] = sum(r["accuracy"].values()) / len(r["accuracy"])
+    return {"domains": list(DOMAINS), "rows": rows}
 
 
 # --- adapt -------------------------------------------------------------------------------------------
@@ -475,6 +543,21 @@ def _merge_table(p: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
     return rows, cols
 
 
+def _compress_table(p: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
+    cols = ["shifts", "bytes (4 files)", "smaller", *p["domains"], "mean"]
+    rows = [
+        {
+            "shifts": r["row"],
+            "bytes (4 files)": human_bytes(r["total_bytes"]),
+            "smaller": f"{r['ratio']:.1f}x",
+            **{d: f"{r['accuracy'][d]:.3f}" for d in p["domains"]},
+            "mean": f"{r['mean']:.3f}",
+        }
+        for r in p["rows"]
+    ]
+    return rows, cols
+
+
 def _adapt_table(p: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
     cols = ["method", *p["corruptions"], "mean", "images/s"]
     rows = []
@@ -512,6 +595,9 @@ def section_tables(payload: dict[str, Any]) -> list[tuple[str, str, list[dict[st
         n = m["settings"]["n_train"]
         heading = f"merge: four LoRA experts ({n} sentences of one domain each) into one model, accuracy"
         out.append(("merge", heading, *_merge_table(m)))
+    if "compress" in payload:
+        heading = "compress: the four LoRA experts compressed, file bytes and own-domain accuracy kept"
+        out.append(("compress", heading, *_compress_table(payload["compress"])))
     if "adapt" in payload:
         a = payload["adapt"]
         heading = (
@@ -546,6 +632,17 @@ def _section_notes(key: str, payload: dict[str, Any]) -> str:
             "The merges combine the exact dense ΔW = (α/r)BA of the four experts into one model; "
             "the oracle needs all four models and the domain of every sentence. "
             f"Tested on {s['n_test']} sentences per domain.</p>"
+        )
+    if key == "compress":
+        return (
+            "<p>Each merge-section LoRA expert is compressed as its own factors: ComPEFT keeps the largest "
+            "10 % of the entries as signs times one scale (positions Golomb-coded), binary-coding "
+            "quantisation stores each factor as 3 bit-planes with float16 scales per group of 64 inputs. "
+            "The compressed files load with <code>sk.load</code> and work wherever a shift does "
+            "(<code>sk.apply_</code>, <code>sk.merge</code>, <code>shiftkit merge</code>); accuracy is each "
+            "expert on its own domain after decompression. The full curve: "
+            "<code>shiftkit bench compress-vader</code>; from the command line: "
+            "<code>shiftkit compress lora.safetensors small.safetensors --density 0.1</code>.</p>"
         )
     if key == "adapt":
         a = payload["adapt"]

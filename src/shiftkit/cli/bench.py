@@ -20,6 +20,7 @@ SUITES: dict[str, str] = {
     "recursive": "shiftkit.bench.recursive",
     "intrinsic-dim": "shiftkit.bench.intrinsic_dim",
     "merge-vader": "shiftkit.bench.merge_vader",
+    "compress-vader": "shiftkit.bench.compress_vader",
     "tta-fmnist-c": "shiftkit.bench.tta_fmnist_c",
 }
 
@@ -29,6 +30,7 @@ SUMMARIES: dict[str, str] = {
     "recursive": "relaxed recursive transformers: layer tying + depth-wise LoRA",
     "intrinsic-dim": "intrinsic dimension: accuracy of training in random subspaces of growing size",
     "merge-vader": "per-domain MiniLM task vectors (full, LoRA) merged by every method, and routed",
+    "compress-vader": "merge-vader's task vectors and LoRAs compressed (ComPEFT, BCQ): bytes vs accuracy",
     "tta-fmnist-c": "test-time adaptation: Fashion-MNIST-C (15 corruptions) and MNIST -> digits, error %",
 }
 

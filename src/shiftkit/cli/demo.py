@@ -43,7 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "demo",
-        help="the end-to-end demo: learn, fold, merge and adapt shifts; tables and an HTML report",
+        help="the end-to-end demo: learn, fold, merge, compress and adapt shifts; tables and an HTML report",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

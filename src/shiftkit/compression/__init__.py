@@ -7,8 +7,9 @@ Importing this package registers the built-in compressors.
 
 from __future__ import annotations
 
+from shiftkit.compression import bcq as bcq
 from shiftkit.compression import compeft as compeft
-from shiftkit.compression.api import compress, decompress
+from shiftkit.compression.api import compress, decompress, quantize_
 from shiftkit.compression.registry import (
     COMPRESS_METHODS,
     CompressSpec,
@@ -24,5 +25,6 @@ __all__ = [
     "decompress",
     "get_method",
     "list_methods",
+    "quantize_",
     "register_method",
 ]

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
+from shiftkit.compression import bcq
 from shiftkit.compression.registry import get_method
 from shiftkit.core.encoding import decoded
 from shiftkit.core.shift import Shift
-from shiftkit.errors import ShiftkitError
+from shiftkit.errors import ShiftkitError, UnknownMethodError
 
-__all__ = ["compress", "decompress"]
+__all__ = ["QUANTIZERS", "compress", "decompress", "quantize_"]
+
+#: model quantisers of ``sk.quantize_``: name → ``quantize(model, **params)``
+QUANTIZERS = {"bcq": bcq.quantize_model_}
 
 
 def compress(shift: Shift, method: str = "compeft", **params: Any) -> Shift:
@@ -56,3 +62,30 @@ def decompress(shift: Shift) -> Shift:
     if not isinstance(shift, Shift):
         raise ShiftkitError(f"sk.decompress expects a Shift, got {type(shift).__name__}")
     return decoded(shift)
+
+
+def quantize_(model: nn.Module, method: str = "bcq", **params: Any) -> nn.Module:
+    """Quantise a model's Linear layers in place (``"bcq"``: binary-coded layers with lookup-table matmuls).
+
+    Args:
+        model: any ``nn.Module``.
+        method: the quantiser (``"bcq"``).
+        **params: the quantiser's parameters (``bits=3``, ``group_size=64``, ``calib=batches``, ...; see
+            :func:`shiftkit.compression.bcq.quantize_model_`).
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> sk.quantize_(model, method="bcq", bits=3, calib=[tok(texts, return_tensors="pt")])
+    """
+    if method not in QUANTIZERS:
+        raise UnknownMethodError(f"unknown quantiser {method!r}. Known: {', '.join(sorted(QUANTIZERS))}.")
+    if not isinstance(model, nn.Module):
+        raise ShiftkitError(f"sk.quantize_ expects an nn.Module, got {type(model).__name__}")
+    try:
+        return QUANTIZERS[method](model, **params)
+    except TypeError as err:
+        if "unexpected keyword" in str(err):
+            raise ShiftkitError(f"quantiser {method!r}: {err}") from None
+        raise

@@ -101,7 +101,8 @@ def decompress_tensor(shift: Shift, name: str) -> Tensor:
         return _payload(shift, "raw." + name)
     shape, dtype = layout[name]
     try:
-        i = list(enc["encoded"]).index(name)
+        carried, aliases = set(enc.get("raw") or []), set(enc.get("aliases") or {})
+        i = [n for n in layout if n not in carried and n not in aliases].index(name)
         b, offset, values_mode = int(enc["golomb_b"]), float(enc["offset"]), bool(enc["values"])
     except (KeyError, ValueError, TypeError) as err:
         raise CorruptFileError(f"compeft shift: malformed encoding for {name!r} ({err})") from None
@@ -202,7 +203,7 @@ def encode(
     nnz = 0
     kept_abs_sum = kept_sum = 0.0
     chunks: list[bytes] = []
-    table = np.zeros((len(src.encode), _COLS), np.int64)
+    table = np.zeros((len(src.encode), _COLS), np.int64)  # stored as int32 when the offsets fit
     at = 0
     for i, name in enumerate(src.encode):
         t = src.read(name)
@@ -238,7 +239,11 @@ def encode(
         if at
         else torch.zeros(0, dtype=torch.uint8)
     )
-    tensors: dict[str, Tensor] = {"compeft.table": torch.from_numpy(table), "compeft.data": data}
+    small = table.max(initial=0) < 2**31
+    tensors: dict[str, Tensor] = {
+        "compeft.table": torch.from_numpy(table.astype(np.int32) if small else table),
+        "compeft.data": data,
+    }
     if not values_mode:
         tensors["compeft.scale"] = torch.tensor([scale], dtype=torch.float32)
     for k_raw, t in src.raw.items():
@@ -253,7 +258,6 @@ def encode(
         "method": "compeft",
         "params": params,
         "tensors": src.table(),
-        "encoded": list(src.encode),
         "raw": list(src.raw),
         "aliases": dict(src.aliases),
         "offset": off,

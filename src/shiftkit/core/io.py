@@ -88,7 +88,7 @@ def save(shift: Shift, path: str | os.PathLike[str]) -> None:
     if aliases:
         meta["aliases"] = aliases
     tensors = {k: t for k, t in shift.tensors.items() if k not in aliases}
-    atomic_save_tensors(tensors, path, {META_KEY: json.dumps(meta)})
+    atomic_save_tensors(tensors, path, {META_KEY: json.dumps(meta, separators=(",", ":"))})
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
