@@ -22,7 +22,7 @@ def test_contributing_compressor_example(tmp_path: Path) -> None:
     assert code is not None
     namespace: dict[str, object] = {}
     try:
-        exec(compile(code.group(1), "CONTRIBUTING.md", "exec"), namespace)  # noqa: S102 - our own docs
+        exec(compile(code.group(1), "CONTRIBUTING.md", "exec"), namespace)  # our own docs, run as written
         g = torch.Generator().manual_seed(0)
         tv = Shift(DELTA, None, {"w": torch.randn(8, 4, generator=g)}, {"w": (8, 4)})
         small = sk.compress(tv, method="half")
