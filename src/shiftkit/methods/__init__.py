@@ -10,6 +10,7 @@ from shiftkit.methods.lora import LoRAConfig
 from shiftkit.methods.pego import PEGOConfig
 from shiftkit.methods.prompt_tuning import PromptTuningConfig
 from shiftkit.methods.recursive import RecursiveConfig
+from shiftkit.methods.rps import RPSConfig
 from shiftkit.methods.ssf import SSFConfig
 from shiftkit.methods.subspace import SubspaceConfig
 from shiftkit.methods.svfit import SVFitConfig
@@ -22,6 +23,7 @@ __all__ = [
     "LoRAConfig",
     "PEGOConfig",
     "PromptTuningConfig",
+    "RPSConfig",
     "RecursiveConfig",
     "SSFConfig",
     "SVFitConfig",
