@@ -34,6 +34,7 @@ _API: dict[str, str] = {
     "SubspaceConfig": "shiftkit.methods.subspace",
     "RecursiveConfig": "shiftkit.methods.recursive",
     "RPSConfig": "shiftkit.methods.rps",
+    "PSTConfig": "shiftkit.methods.pst",
     "export_peft": "shiftkit.interop.peft",
     "import_peft": "shiftkit.interop.peft",
     "list_methods": "shiftkit.core.registry",
@@ -157,6 +158,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from shiftkit.methods.lora import LoRAConfig
     from shiftkit.methods.pego import PEGOConfig
     from shiftkit.methods.prompt_tuning import PromptTuningConfig
+    from shiftkit.methods.pst import PSTConfig
     from shiftkit.methods.recursive import RecursiveConfig
     from shiftkit.methods.rps import RPSConfig
     from shiftkit.methods.ssf import SSFConfig

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import shiftkit as sk
+from shiftkit.core.attach import attached_wrappers
 from shiftkit.core.config import ShiftConfig, config_to_dict
 from shiftkit.core.registry import config_from_dict
 from shiftkit.core.wrapper import is_shift_module
@@ -204,9 +205,11 @@ def test_save_load_attach_reproduces(method: str, model_name: str, tmp_path: Pat
         assert torch.equal(loaded.tensors[k], t), k
     sk.attach_(fresh, loaded)
     assert torch.equal(_out(fresh, x), expected)
-    assert {k: p.requires_grad for k, p in sk.named_shift_parameters(fresh).items()} == {
-        k: True for k in shift.tensors
-    }
+    params = sk.named_shift_parameters(fresh)
+    assert all(p.requires_grad for p in params.values())
+    # every stored tensor is a shift parameter, or a buffer the wrapper declares (PST's sparsity)
+    buffers = {f"{fqn}.{role}" for fqn, w in attached_wrappers(fresh) for role in w.named_shift_buffers()}
+    assert set(params) | buffers == set(shift.tensors) and not set(params) & buffers
 
 
 @pytest.mark.parametrize(("method", "model_name"), CASES)
@@ -219,7 +222,8 @@ def test_only_shift_parameters_train(method: str, model_name: str) -> None:
     assert shift_ids
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == shift_ids
-    assert set(sk.named_shift_parameters(model)) == set(sk.extract(model).tensors)
+    buffers = {f"{fqn}.{role}" for fqn, w in attached_wrappers(model) for role in w.named_shift_buffers()}
+    assert set(sk.named_shift_parameters(model)) | buffers == set(sk.extract(model).tensors)
     out = model(x)
     out.float().square().mean().backward()
     for name, p in model.named_parameters():

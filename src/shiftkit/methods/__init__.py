@@ -9,6 +9,7 @@ from shiftkit.methods.linear_adapter import LinearAdapterConfig
 from shiftkit.methods.lora import LoRAConfig
 from shiftkit.methods.pego import PEGOConfig
 from shiftkit.methods.prompt_tuning import PromptTuningConfig
+from shiftkit.methods.pst import PSTConfig
 from shiftkit.methods.recursive import RecursiveConfig
 from shiftkit.methods.rps import RPSConfig
 from shiftkit.methods.ssf import SSFConfig
@@ -22,6 +23,7 @@ __all__ = [
     "LinearAdapterConfig",
     "LoRAConfig",
     "PEGOConfig",
+    "PSTConfig",
     "PromptTuningConfig",
     "RPSConfig",
     "RecursiveConfig",
