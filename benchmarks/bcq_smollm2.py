@@ -1,14 +1,13 @@
 """Binary-coding quantisation of SmolLM2-135M (issue: compress; BENCH.md ``compress_throughput`` row's BCQ
 part): held-out perplexity of ``sk.quantize_(model, method="bcq")`` at 2 and 3 bits, against
 round-to-nearest (RTN, asymmetric min–max per row and group) at the same bits and group size, the bytes of
-each, and the CPU time of the lookup-table matmul against the dense fp32 matmul on SmolLM2's Linear shapes.
+each (the lookup-table matmul's CPU time against the dense one: ``benchmarks/compress_throughput.py``).
 
 Data: Rotten Tomatoes snippets (``zoo.load_dataset("rotten-tomatoes")``), shuffled with seed 0; the first
 ``--eval`` sequences of ``--seq-len`` tokens are held out for perplexity, the next ``--calib`` calibrate
 (disjoint). Every Linear except the tied output head is quantised (group size ``--group``); the embedding
 stays fp32, as in ShiftAddLLM. Perplexities use the dequantised dense path of the quantised layers (the
-lookup path gives the same numbers to float tolerance: ``tests/compression/test_bcq.py`` asserts it); the
-matmul timings compare the two paths directly, alternating, median of ``--reps`` repetitions.
+lookup path gives the same numbers to float tolerance: ``tests/compression/test_bcq.py`` asserts it).
 
 Run: ``.venv/bin/python benchmarks/bcq_smollm2.py`` (~10 min on 2 cores; ``--quick``: fewer sequences).
 """
@@ -19,7 +18,6 @@ import argparse
 import copy
 import math
 import random
-import statistics
 import sys
 import time
 from typing import Any
@@ -66,16 +64,6 @@ def _rtn_(model: Any, names: list[str], bits: int, group: int) -> int:
     return nbytes
 
 
-def _time(fn: Any, reps: int, inner: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -83,17 +71,14 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=16, help="calibration sequences")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3])
-    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.eval, args.calib, args.reps = 8, 4, 3
+        args.eval, args.calib = 8, 4
     C.setup_worker()
-    import torch
 
     import shiftkit as sk
     from shiftkit import zoo
-    from shiftkit.compression._bcq import lut_matmul, pack_codes, quantize_weight
     from shiftkit.compression.bcq import BCQLinear, _linear_targets
 
     t_start = time.perf_counter()
@@ -143,45 +128,11 @@ def main() -> int:
             )
             C.log(f"{label} {bits}-bit: ppl {rows[-1]['ppl']:.2f} ({secs:.0f} s)")
 
-    # lookup-table matmul vs dense fp32 on SmolLM2's Linear shapes (in → out)
-    shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
-    mm: list[dict[str, Any]] = []
-    g = torch.Generator().manual_seed(0)
-    for fin, fout in shapes:
-        w = torch.randn(fout, fin, generator=g) * 0.02
-        alpha, codes = quantize_weight(w, 3, args.group, rounds=5)
-        packed, a = pack_codes(codes), alpha.permute(2, 0, 1).contiguous()
-        layer = BCQLinear(packed, a, args.group, fin, None)
-        dense = layer.dequantize()
-        for batch in (1, 16):
-            x = torch.randn(batch, fin, generator=g)
-            y_lut = lut_matmul(x, packed, a, args.group, fin)
-            err = float((y_lut - x @ dense.T).abs().max() / (x @ dense.T).abs().max())
-            inner = 200 if batch == 1 else 50
-            t_dense, t_lut = [], []
-            for _ in range(args.reps):  # alternate the two paths
-                t_dense.append(_time(lambda x=x, w=dense: x @ w.T, 1, inner))
-                t_lut.append(
-                    _time(lambda x=x, p=packed, a=a, fin=fin: lut_matmul(x, p, a, args.group, fin), 1, inner)
-                )
-            td, tl = statistics.median(t_dense), statistics.median(t_lut)
-            mm.append(
-                {
-                    "shape": f"{fin}→{fout}",
-                    "batch": batch,
-                    "dense_us": td * 1e6,
-                    "lut_us": tl * 1e6,
-                    "lut_over_dense": tl / td,
-                    "max_rel_diff": err,
-                }
-            )
-
     payload = {
         "model": "SmolLM2-135M-Instruct",
         "settings": vars(args),
         "linear_weights": n_weights,
         "perplexity": rows,
-        "matmul": mm,
         "seconds": time.perf_counter() - t_start,
         "environment": C.environment(),
     }
@@ -199,23 +150,6 @@ def main() -> int:
                 for r in rows
             ],
             ["method", "bits", "MB", "held-out ppl", "time s"],
-        )
-    )
-    print()
-    print(
-        C.format_table(
-            [
-                {
-                    "shape": r["shape"],
-                    "batch": r["batch"],
-                    "dense µs": f"{r['dense_us']:.0f}",
-                    "lookup µs": f"{r['lut_us']:.0f}",
-                    "lookup / dense": f"{r['lut_over_dense']:.1f}×",
-                    "max rel diff": f"{r['max_rel_diff']:.1e}",
-                }
-                for r in mm
-            ],
-            ["shape", "batch", "dense µs", "lookup µs", "lookup / dense", "max rel diff"],
         )
     )
     print(f"wrote {path}")

@@ -54,6 +54,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {"n_train": 768, "n_val": 128, "n_test": 500, "epochs": 3},
 }
 
+#: --quick compresses with one setting of each compressor
+QUICK_GRID: dict[str, Any] = {"densities": (0.1,), "bits": (3,), "alphas": (1.0, 3.0)}
+
 EPILOG = """\
 examples:
   shiftkit bench compress-vader                   # reuses merge-vader's cached experts (or trains them)
@@ -92,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
     if args.kinds:
         settings["kinds"] = tuple(dict.fromkeys(args.kinds))
     cache = None if args.no_cache else Path(args.cache) if args.cache else cache_dir()
+    grid = QUICK_GRID if args.quick else {}
     payload = run_suite(
         settings,
+        **grid,
         merge=not args.no_merge,
         cache_root=cache,
         progress=False if args.no_progress else None,
@@ -128,6 +133,9 @@ def _file_bytes(shift: Any) -> int:
 def run_suite(
     settings: dict[str, Any],
     *,
+    densities: tuple[float, ...] = DENSITIES,
+    bits: tuple[int, ...] = BITS,
+    alphas: tuple[float, ...] = ALPHAS,
     merge: bool = True,
     cache_root: Path | None = None,
     progress: bool | None = None,
@@ -163,13 +171,14 @@ def run_suite(
         numel = sum(t.numel() for t in shifts[DOMAINS[0]].tensors.values())
         settings_list: list[tuple[str, str, dict[str, Any]]] = [("none", "fp32 (uncompressed)", {})]
         settings_list.append(("none", "bf16 (cast)", {"bf16": True}))
-        settings_list += [("compeft", f"density {p:g}", {"density": p}) for p in DENSITIES]
-        settings_list += [("bcq", f"{b} bits, group 64", {"bits": b, "group_size": 64}) for b in BITS]
+        settings_list += [("compeft", f"density {p:g}", {"density": p}) for p in densities]
+        settings_list += [("bcq", f"{b} bits, group 64", {"bits": b, "group_size": 64}) for b in bits]
         base_mean = base_ties = None
         for compressor, label, params in settings_list:
             t = time.perf_counter()
             decoded: dict[str, sk.Shift] = {}
-            sizes, alphas = [], []
+            sizes: list[int] = []
+            chosen: list[float] = []
             for d in DOMAINS:
                 x = shifts[d]
                 if compressor == "none":
@@ -181,9 +190,9 @@ def run_suite(
                         return own_accuracy(d, dense(cand), "val")
 
                     small = sk.compress(
-                        x, method="compeft", alpha="auto", alpha_grid=ALPHAS, evaluate=score, **params
+                        x, method="compeft", alpha="auto", alpha_grid=alphas, evaluate=score, **params
                     )
-                    alphas.append((small.encoding or {})["params"]["alpha"])
+                    chosen.append((small.encoding or {})["params"]["alpha"])
                     back = sk.decompress(small)
                 else:
                     small = sk.compress(x, method="bcq", **params)
@@ -204,7 +213,7 @@ def run_suite(
                 "accuracy": acc,
                 "mean": mean,
                 "delta": mean - base_mean,
-                "alphas": alphas,
+                "alphas": chosen,
             }
             if merge:
                 tvs = {d: decoded[d] for d in DOMAINS}
@@ -221,9 +230,9 @@ def run_suite(
         "title": "compress-vader: MiniLM task vectors and LoRAs compressed (ComPEFT, BCQ), VADER sentiment",
         "settings": {
             **dataclasses.asdict(s),
-            "densities": list(DENSITIES),
-            "bits": list(BITS),
-            "alphas": list(ALPHAS),
+            "densities": list(densities),
+            "bits": list(bits),
+            "alphas": list(alphas),
         },
         "domains": list(DOMAINS),
         "rows": rows,

@@ -486,6 +486,7 @@ def quantize_model_(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(names), desc="bcq", unit="layer", disable=not progress)
+    made: list[BCQLinear] = []
     try:
         for stage in _stages(model, names) if batches else [names]:
             hs = _collect(model, stage, batches) if batches else {}
@@ -510,8 +511,13 @@ def quantize_model_(
                     lin.in_features,
                     lin.bias,
                 )
+                new.use_lut = False  # later stages calibrate through it: the dense path, same numbers, faster
+                made.append(new)
                 _set(model, n, new)
                 bar.update(1)
     finally:
         bar.close()
+        for layer in made:
+            layer.use_lut = True
+            layer._dense = None
     return model
