@@ -26,7 +26,7 @@ from shiftkit.compression._bcq import (
 )
 from shiftkit.compression.bcq import BCQLinear
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.errors import ShiftkitError, UnknownMethodError
+from shiftkit.errors import CorruptFileError, ShiftkitError, UnknownMethodError
 from tiny_models import make
 
 
@@ -192,3 +192,18 @@ def test_quantize_errors() -> None:
         sk.quantize_(copy.deepcopy(model), method="bcq", calib=[])
     with pytest.raises(ShiftkitError, match="does not divide"):
         sk.quantize_(copy.deepcopy(model), method="bcq", group_size=24)
+    with pytest.raises(ShiftkitError, match="calibration batch 0"):
+        sk.quantize_(
+            copy.deepcopy(model), method="bcq", calib=[torch.randn(2, 5, 7)]
+        )  # floats, not token ids
+
+
+def test_corrupt_bcq_payload() -> None:
+    small = sk.compress(_delta(w=torch.randn(16, 32)), method="bcq", bits=2, group_size=16)
+    codes = small["bcq.0.codes"][:, :8]  # rows cut off
+    bad = Shift(small.method, None, {**small.tensors, "bcq.0.codes": codes}, small.base, small.encoding)
+    with pytest.raises(CorruptFileError):
+        sk.decompress(bad)
+    enc = {**(small.encoding or {}), "quantized": {}}
+    with pytest.raises(CorruptFileError):
+        sk.decompress(Shift(small.method, None, small.tensors, small.base, enc))

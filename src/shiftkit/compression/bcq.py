@@ -419,8 +419,14 @@ def _collect(model: nn.Module, names: list[str], calib: list[Any]) -> dict[str, 
         hooks.append(mods[n].register_forward_pre_hook(hook(n)))
     try:
         with torch.no_grad():
-            for batch in calib:
-                _run(model, batch)
+            for i, batch in enumerate(calib):
+                try:
+                    _run(model, batch)
+                except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                    raise ShiftkitError(
+                        f"calibration batch {i} does not run through the model ({type(err).__name__}: "
+                        f"{err}); pass batches the model takes: a tensor, a dict of keyword arguments or a tuple"
+                    ) from err
     finally:
         for h in hooks:
             h.remove()
