@@ -425,7 +425,8 @@ def _collect(model: nn.Module, names: list[str], calib: list[Any]) -> dict[str, 
                 except (RuntimeError, TypeError, ValueError, IndexError) as err:
                     raise ShiftkitError(
                         f"calibration batch {i} does not run through the model ({type(err).__name__}: "
-                        f"{err}); pass batches the model takes: a tensor, a dict of keyword arguments or a tuple"
+                        f"{err}); pass batches the model takes: a tensor, a dict of keyword arguments or a "
+                        "tuple"
                     ) from err
     finally:
         for h in hooks:
