@@ -85,6 +85,16 @@ CONFIGS: dict[str, dict[str, Factory]] = {
         "smollm2-135m": lambda: sk.SubspaceConfig(dim=64, target_modules=_LLAMA_QV),
         "efficientnet-lite0": lambda: sk.SubspaceConfig(dim=64, target_modules="all"),
     },
+    "rps": {
+        "minilm": lambda: sk.RPSConfig(compression=0.05, target_modules=_BERT_QV),
+        "smollm2-135m": lambda: sk.RPSConfig(compression=0.01, target_modules=_LLAMA_QV),
+        "efficientnet-lite0": lambda: sk.RPSConfig(compression=0.1, target_modules=["_fc"]),
+    },
+    "pst": {
+        "minilm": lambda: sk.PSTConfig(target_modules=_BERT_QV),
+        "smollm2-135m": lambda: sk.PSTConfig(target_modules=_LLAMA_QV),
+        "efficientnet-lite0": lambda: sk.PSTConfig(target_modules=["_fc"]),
+    },
     "recursive": {
         "minilm": lambda: sk.RecursiveConfig(num_loops=2, r=4),
         "smollm2-135m": lambda: sk.RecursiveConfig(num_loops=2, r=4),

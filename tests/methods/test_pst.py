@@ -99,3 +99,17 @@ def test_errors() -> None:
         sk.PSTConfig(sparsity=1.0)
     with pytest.raises(ShiftkitError, match="no PST"):
         set_sparsity_(_model(), 0.5)
+
+
+def test_total_steps_schedules_itself_in_training_forwards() -> None:
+    model = sk.attach_(_model(), sk.PSTConfig(sparsity=0.6, total_steps=10, target_modules=["0"]))
+    layer = model[0]
+    x = torch.randn(3, 12)
+    seen = []
+    for _ in range(12):
+        model(x)
+        seen.append(float(layer.sparsity))
+    assert seen == pytest.approx([cubic_sparsity(t, 10, final=0.6) for t in range(12)])
+    model.eval()
+    model(x)  # evaluation forwards do not step the schedule
+    assert float(layer.sparsity) == pytest.approx(0.6) and layer.steps_taken == 12

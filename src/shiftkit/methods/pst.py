@@ -52,6 +52,9 @@ class PSTConfig(ShiftConfig):
         rank_w: rank ``r_w`` of the weight update ``U V``.
         rank_m: rank ``r_m`` of the data-driven score term ``A B``.
         beta, alpha1, alpha2: ``β`` on the update, ``α₁`` and ``α₂`` on the score terms.
+        total_steps: when set, each layer follows :func:`cubic_sparsity` by itself, one step per forward
+            in training mode (from ``initial_sparsity`` to ``sparsity`` over ``total_steps``); when ``None``
+            the training loop calls :func:`set_sparsity_`.
     """
 
     sparsity: float = 0.9
@@ -61,6 +64,7 @@ class PSTConfig(ShiftConfig):
     beta: float = 1.0
     alpha1: float = 1.0
     alpha2: float = 1.0
+    total_steps: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +72,14 @@ class PSTConfig(ShiftConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
                 raise ShiftkitError(f"PSTConfig.{name} must be in [0, 1), got {v!r}")
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool)
+            or not isinstance(self.total_steps, int)
+            or self.total_steps < 1
+        ):
+            raise ShiftkitError(
+                f"PSTConfig.total_steps must be None or an integer >= 1, got {self.total_steps!r}"
+            )
         for name in ("rank_w", "rank_m"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -122,6 +134,8 @@ class PSTLinear(ShiftWrapper):
         self.pst_C = nn.Parameter(torch.zeros(in_f, dtype=like.dtype, device=like.device))
         self.sparsity: Tensor
         self.register_buffer("sparsity", torch.tensor(float(config.initial_sparsity), device=like.device))
+        self.schedule = (config.total_steps, config.initial_sparsity, config.sparsity)
+        self.steps_taken = 0
 
     def _weight(self) -> Tensor:
         w = self.base.weight
@@ -148,6 +162,10 @@ class PSTLinear(ShiftWrapper):
         return {"weight": self.mask(updated) * updated}
 
     def forward(self, x: Tensor) -> Tensor:
+        total, start, final = self.schedule
+        if total is not None and self.training and torch.is_grad_enabled():
+            self.sparsity.fill_(cubic_sparsity(self.steps_taken, total, final=final, initial=start))
+            self.steps_taken += 1
         bias = self.base.bias
         assert bias is None or isinstance(bias, Tensor)
         return nn.functional.linear(x, self.effective_params()["weight"], bias)

@@ -140,6 +140,25 @@ PLANS: dict[str, PlanSpec] = {
         notes="1000-dim random (Fastfood) subspace of query/value weights and biases + head",
         config={"dim": 1000, "target_modules": ["query", "value"]},
     ),
+    # Not tuned on this suite yet: full fine-tuning's rate (with Adam the shared array moves each weight by
+    # about lr·σ/a per step, σ/a ≈ 1 for MiniLM's Linears).
+    "rps": PlanSpec(
+        lr=1e-4,
+        notes="one shared array of 1 % of the encoder Linears (STABLE-RPS, shift mode) + head",
+        config={"compression": 0.01, "target_modules": "all-linear", "exclude_modules": ["head"]},
+    ),
+    # Not tuned on this suite yet: LoRA's rate; the mask reaches 50 % sparsity over the default run's 64
+    # steps (cubic schedule driven by the training forwards).
+    "pst": PlanSpec(
+        lr=2e-3,
+        notes="PST on the encoder Linears, cubic schedule to 50 % sparsity over 64 steps + head",
+        config={
+            "sparsity": 0.5,
+            "total_steps": 64,
+            "target_modules": "all-linear",
+            "exclude_modules": ["head"],
+        },
+    ),
     # It trains the tied blocks' full weights: at LoRA's 2e-3 the model collapsed to chance (loss ln 2);
     # 1e-4 (full fine-tuning's rate): 0.913, 3e-4: 0.902.
     "recursive": PlanSpec(
