@@ -57,9 +57,10 @@ def test_compress_vader_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         ("none", "fp32 (uncompressed)"),
         ("none", "bf16 (cast)"),
         ("compeft", "density 0.1"),
+        ("compeft", "density 0.1, per tensor"),
         ("bcq", "3 bits, group 64"),
     ]
-    fp32, bf16, compeft, bcq = rows
+    fp32, bf16, compeft, _per_tensor, bcq = rows
     assert bf16["bytes"] < 0.55 * fp32["bytes"] and compeft["bytes"] < bf16["bytes"] / 4
     assert bcq["bytes"] < bf16["bytes"] and set(compeft["alphas"]) <= {1.0, 3.0}
     for r in rows:

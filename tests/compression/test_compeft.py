@@ -265,3 +265,16 @@ def test_corrupt_payload_is_a_corrupt_file_error(tmp_path: Path) -> None:
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CorruptFileError):
         sk.load(path)
+
+
+def test_per_tensor_scope_matches_the_formula_per_tensor() -> None:
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(30, 20, generator=g), 0.01 * torch.randn(40, generator=g)  # very different scales
+    shift = _delta(a=a, b=b)
+    got = sk.decompress(sk.compress(shift, method="compeft", density=0.2, alpha=2.0, scope="tensor"))
+    for k, t in shift.tensors.items():  # each tensor alone through the global formula
+        assert torch.allclose(got[k], _reference(_delta(x=t), 0.2, 2.0)["x"], atol=1e-7)
+    glob = sk.decompress(sk.compress(shift, method="compeft", density=0.2, scope="global"))
+    assert int((glob["b"] != 0).sum()) == 0 < int((got["b"] != 0).sum())  # global top-k skips the small one
+    with pytest.raises(ShiftkitError, match="scope"):
+        sk.compress(shift, method="compeft", scope="layer")

@@ -5,7 +5,8 @@ Amazon, NYT) a full fine-tuning task vector ``τ_d`` of the MiniLM encoder and a
 encoder Linear), all read by θ0's frozen probe head. Each is compressed by
 
 * ComPEFT (``sk.compress(method="compeft")``) at densities 0.5 / 0.2 / 0.1 / 0.05, α chosen per expert on
-  its own domain's validation split from a small grid (ComPEFT tunes α per task on validation data);
+  its own domain's validation split from a small grid (ComPEFT tunes α per task on validation data), with
+  the paper's one global top-k and σ, and with ``scope="tensor"`` (top-k, σ and scale per tensor);
 * binary-coding quantisation (``method="bcq"``) at 2, 3 and 4 bits (groups of 64 inputs, float16 scales;
   1-D tensors kept as they are);
 
@@ -172,6 +173,9 @@ def run_suite(
         settings_list: list[tuple[str, str, dict[str, Any]]] = [("none", "fp32 (uncompressed)", {})]
         settings_list.append(("none", "bf16 (cast)", {"bf16": True}))
         settings_list += [("compeft", f"density {p:g}", {"density": p}) for p in densities]
+        settings_list += [
+            ("compeft", f"density {p:g}, per tensor", {"density": p, "scope": "tensor"}) for p in densities
+        ]
         settings_list += [("bcq", f"{b} bits, group 64", {"bits": b, "group_size": 64}) for b in bits]
         base_mean = base_ties = None
         for compressor, label, params in settings_list:

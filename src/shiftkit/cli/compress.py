@@ -46,6 +46,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, help="compeft: fraction of entries kept, in (0, 1] (0.1)")
     p.add_argument("--alpha", type=float, help="compeft: scale factor on σ (1.0; -1 prune only, -2 STC)")
     p.add_argument("--payload", choices=("auto", "golomb", "bitmap"), help="compeft: position code")
+    p.add_argument(
+        "--scope", choices=("global", "tensor"), help="compeft: one top-k over the shift or per tensor"
+    )
     p.add_argument("--as-delta", action="store_true", help="compress a LoRA's dense ΔW, not its factors")
     p.add_argument("--bits", type=int, help="bcq: bits per weight (binary codes per group)")
     p.add_argument("--group-size", type=int, help="bcq: entries sharing one scale vector (-1: a whole row)")
@@ -67,7 +70,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     from shiftkit.errors import ShiftkitError
 
     params: dict[str, Any] = {}
-    for key in ("density", "alpha", "payload", "bits", "group_size"):
+    for key in ("density", "alpha", "payload", "scope", "bits", "group_size"):
         value = getattr(args, key, None)
         if value is not None:
             params[key] = value

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -75,9 +76,10 @@ def _positions(pos: np.ndarray, numel: int, b: int, choice: str) -> tuple[int, b
     return _BITMAP, pack_bits(mask).tobytes(), 0
 
 
-def _with_scale(shift: Shift, scale: float) -> Shift:
+def _with_scale(shift: Shift, alpha: float) -> Shift:
     tensors = dict(shift.tensors)
-    tensors["compeft.scale"] = torch.tensor([scale], dtype=torch.float32)
+    sigmas = (shift.encoding or {})["sigmas"]
+    tensors["compeft.scale"] = torch.tensor([alpha * sg for sg in sigmas], dtype=torch.float32)
     enc = dict(shift.encoding or {})
     enc["params"] = dict(enc["params"])
     return Shift(shift.method, shift.config, tensors, dict(shift.base), enc)
@@ -135,7 +137,10 @@ def decompress_tensor(shift: Shift, name: str) -> Tensor:
         out = torch.full((numel,), offset, dtype=dtype)
         out[idx] = vals
         return out.reshape(shape)
-    scale = float(_payload(shift, "compeft.scale").reshape(-1)[0])
+    scales = _payload(shift, "compeft.scale").reshape(-1)
+    if scales.numel() not in (1, table.shape[0]):
+        raise CorruptFileError(f"compeft shift: {scales.numel()} scales for {table.shape[0]} tensors")
+    scale = float(scales[0] if scales.numel() == 1 else scales[i])
     neg = (
         torch.from_numpy(unpack_bits(data[t0:t1], n).astype(bool)) if n else torch.zeros(0, dtype=torch.bool)
     )
@@ -170,45 +175,57 @@ def encode(
     alpha: float | str = 1.0,
     stc_signed_mean: bool = False,
     payload: str = "auto",
+    scope: str = "global",
 ) -> Shift:
     """ComPEFT-encode a :class:`~shiftkit.compression._source.Source`, reading each tensor four times and
-    holding one at a time (σ, the two passes of the exact global threshold, then the encoding).
+    holding one at a time (σ, the two passes of the exact threshold, then the encoding). ``scope="tensor"``:
+    σ, threshold and scale per tensor (the spec's per-tensor variant).
 
     ``alpha="auto"`` encodes with α = 1; :func:`compeft` then tries its grid. Parameters as in
     :func:`compeft`, which checks them.
     """
     off = src.offset
+    groups = [list(src.encode)] if scope == "global" else [[n] for n in src.encode]
 
-    def changes() -> Iterator[Tensor]:
-        for name in src.encode:
+    def changes(names: list[str]) -> Iterator[Tensor]:
+        for name in names:
             t = src.read(name)
             yield t.to(torch.float32) - off if off else t
 
-    # σ over the whole dense shift (ddof 1, zeros included), summed in float64
-    d = src.numel()
-    s1 = s2 = 0.0
-    for t in changes():
-        t64 = t.to(torch.float64)
-        s1 += float(t64.sum())
-        s2 += float((t64 * t64).sum())
-    sigma = math.sqrt(max(s2 - s1 * s1 / d, 0.0) / (d - 1)) if d > 1 else 0.0
     values_mode = alpha == -1
-    k = math.floor(d * density)
-    if k == 0 or (sigma == 0.0 and not values_mode):
-        thr = math.inf  # keep nothing (an all-zero shift, or a density below one entry)
-    else:
-        thr = kth_largest_magnitude(changes, k)
-    b = golomb_parameter(k / d) if d else 0  # the code's parameter from the target density
+    sigmas: list[float] = []
+    thresholds: list[float] = []
+    d = src.numel()
+    for names in groups:
+        # σ over the group's dense entries (ddof 1, zeros included), summed in float64
+        n = sum(math.prod(src.layout[x][0]) for x in names)
+        s1 = s2 = 0.0
+        for t in changes(names):
+            t64 = t.to(torch.float64)
+            s1 += float(t64.sum())
+            s2 += float((t64 * t64).sum())
+        sigma = math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) if n > 1 else 0.0
+        k = math.floor(n * density)
+        if k == 0 or (sigma == 0.0 and not values_mode):
+            thr = math.inf  # keep nothing (an all-zero group, or a density below one entry)
+        else:
+            thr = kth_largest_magnitude(functools.partial(changes, names), k)
+        sigmas.append(sigma)
+        thresholds.append(thr)
+    b = golomb_parameter(math.floor(d * density) / d) if d else 0  # the code's parameter: target density
 
     nnz = 0
-    kept_abs_sum = kept_sum = 0.0
+    kept_abs = [0.0] * len(groups)
+    kept_sum = [0.0] * len(groups)
+    kept_n = [0] * len(groups)
     chunks: list[bytes] = []
     table = np.zeros((len(src.encode), _COLS), np.int64)  # stored as int32 when the offsets fit
     at = 0
     for i, name in enumerate(src.encode):
+        g = 0 if scope == "global" else i
         t = src.read(name)
         change = (t.to(torch.float32) - off if off else t).reshape(-1)
-        m = change.abs().to(torch.float32) >= thr
+        m = change.abs().to(torch.float32) >= thresholds[g]
         if not values_mode:
             m &= change != 0
         idx = torch.nonzero(m).reshape(-1)
@@ -216,8 +233,9 @@ def encode(
         nnz += pos.size
         kept = change[idx]
         kept64 = kept.to(torch.float64)
-        kept_abs_sum += float(kept64.abs().sum())
-        kept_sum += float(kept64.sum())
+        kept_abs[g] += float(kept64.abs().sum())
+        kept_sum[g] += float(kept64.sum())
+        kept_n[g] += pos.size
         fmt, pbytes, ubits = _positions(pos, t.numel(), b, payload)
         if values_mode:  # the entries themselves, bit for bit
             tail = t.reshape(-1)[idx].contiguous().view(torch.uint8).numpy().tobytes()
@@ -229,11 +247,12 @@ def encode(
         at = end
 
     if values_mode:
-        scale = 0.0
+        scales = [0.0] * len(groups)
     elif alpha == -2:
-        scale = (kept_sum if stc_signed_mean else kept_abs_sum) / nnz if nnz else 0.0
+        sums = kept_sum if stc_signed_mean else kept_abs
+        scales = [sm / c if c else 0.0 for sm, c in zip(sums, kept_n, strict=True)]
     else:
-        scale = float(alpha if alpha != "auto" else 1.0) * sigma
+        scales = [float(alpha if alpha != "auto" else 1.0) * sg for sg in sigmas]
     data = (
         torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
         if at
@@ -245,7 +264,7 @@ def encode(
         "compeft.data": data,
     }
     if not values_mode:
-        tensors["compeft.scale"] = torch.tensor([scale], dtype=torch.float32)
+        tensors["compeft.scale"] = torch.tensor(scales, dtype=torch.float32)
     for k_raw, t in src.raw.items():
         tensors["raw." + k_raw] = t
     params: dict[str, Any] = {
@@ -253,6 +272,7 @@ def encode(
         "alpha": alpha,
         "stc_signed_mean": bool(stc_signed_mean),
         "payload": payload,
+        "scope": scope,
     }
     encoding: dict[str, Any] = {
         "method": "compeft",
@@ -262,7 +282,8 @@ def encode(
         "aliases": dict(src.aliases),
         "offset": off,
         "golomb_b": b,
-        "sigma": sigma,
+        "sigma": sigmas[0] if scope == "global" else None,
+        "sigmas": sigmas,
         "nnz": nnz,
         "numel": d,
         "values": values_mode,
@@ -287,6 +308,7 @@ def compeft(
     stc_signed_mean: bool = False,
     as_delta: bool = False,
     payload: str = "auto",
+    scope: str = "global",
 ) -> Shift:
     """Compress ``shift`` with ComPEFT: global top-``density`` by magnitude, signs, one scale ``α·σ``.
 
@@ -300,6 +322,9 @@ def compeft(
         stc_signed_mean: with ``alpha=-2``, the reference code's signed mean instead of mean |value|.
         as_delta: compress a LoRA's dense ``ΔW = s·B A`` rather than its factors (decodes to a delta).
         payload: ``"auto"`` (smaller of Golomb gaps and bitmap, per tensor), ``"golomb"`` or ``"bitmap"``.
+        scope: ``"global"`` (the paper: one top-k and one σ over the whole shift) or ``"tensor"`` (each
+            tensor its own top-k, σ and scale: a LoRA's A and B factors have different scales, and a global
+            top-k keeps mostly the larger factor's entries).
 
     Returns:
         The compressed shift (``encoding["method"] == "compeft"``), which decodes to a shift of the input's
@@ -317,6 +342,7 @@ def compeft(
         stc_signed_mean=stc_signed_mean,
         as_delta=as_delta,
         payload=payload,
+        scope=scope,
     )
 
 
@@ -330,6 +356,7 @@ def compeft_source(
     stc_signed_mean: bool = False,
     as_delta: bool = False,
     payload: str = "auto",
+    scope: str = "global",
 ) -> Shift:
     """:func:`compeft` of a streamed :class:`~shiftkit.compression._source.Source` (``shiftkit compress
     --base``: a fine-tuned model's delta read tensor by tensor). Parameters as in :func:`compeft`."""
@@ -340,18 +367,21 @@ def compeft_source(
         raise ShiftkitError("compeft alpha='auto' picks α on validation data: pass evaluate=fn(shift)->score")
     if alpha == "auto" and (not alpha_grid or any(not a > 0 for a in alpha_grid)):
         raise ShiftkitError(f"compeft alpha_grid needs positive values, got {list(alpha_grid)!r}")
-    out = encode(src, density=density, alpha=alpha, stc_signed_mean=stc_signed_mean, payload=payload)
+    if scope not in ("global", "tensor"):
+        raise ShiftkitError(f"compeft scope must be 'global' or 'tensor', got {scope!r}")
+    out = encode(
+        src, density=density, alpha=alpha, stc_signed_mean=stc_signed_mean, payload=payload, scope=scope
+    )
     enc: dict[str, Any] = out.encoding or {}
     enc["params"]["as_delta"] = bool(as_delta)
-    sigma = float(enc["sigma"])
     if alpha == "auto":
         assert evaluate is not None
         scores: dict[str, float] = {}
         for cand in alpha_grid:
-            trial = _with_scale(out, float(cand) * sigma)
+            trial = _with_scale(out, float(cand))
             scores[repr(float(cand))] = float(evaluate(decompress(trial)))
         best = max(alpha_grid, key=lambda c: scores[repr(float(c))])
-        out = _with_scale(out, float(best) * sigma)
+        out = _with_scale(out, float(best))
         enc = out.encoding or {}
         enc["params"]["alpha"] = float(best)
         enc["alpha_scores"] = scores
