@@ -16,36 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import random
 import sys
 import time
 from typing import Any
 
 import _common as C
-
-
-def _sequences(tok: Any, texts: list[str], seq_len: int) -> Any:
-    import torch
-
-    ids: list[int] = []
-    for row in tok(texts, add_special_tokens=False)["input_ids"]:
-        ids += [*row, tok.eos_token_id]
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-def _ppl(model: Any, seqs: Any) -> float:
-    import torch
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(seqs), 8):
-            x = seqs[i : i + 8]
-            loss = model(input_ids=x, labels=x).loss
-            n = x.shape[0] * (x.shape[1] - 1)
-            total, count = total + float(loss) * n, count + n
-    return math.exp(total / count)
 
 
 def _rtn_(model: Any, names: list[str], bits: int, group: int) -> int:
@@ -79,6 +55,7 @@ def main() -> int:
 
     import shiftkit as sk
     from shiftkit import zoo
+    from shiftkit.bench.recursive import _perplexity, _sequences
     from shiftkit.compression.bcq import BCQLinear, _linear_targets
 
     t_start = time.perf_counter()
@@ -97,7 +74,7 @@ def main() -> int:
     )
 
     rows: list[dict[str, Any]] = []
-    base_ppl = _ppl(model, held)
+    base_ppl = _perplexity(model, held, 8)
     rows.append({"method": "fp32", "bits": 32, "bytes": 4 * n_weights, "ppl": base_ppl, "seconds": 0.0})
     C.log(f"fp32: ppl {base_ppl:.2f}")
     for bits in args.bits:
@@ -109,7 +86,7 @@ def main() -> int:
                 "method": "RTN",
                 "bits": bits,
                 "bytes": nbytes,
-                "ppl": _ppl(m, held),
+                "ppl": _perplexity(m, held, 8),
                 "seconds": time.perf_counter() - t,
             }
         )
@@ -124,7 +101,7 @@ def main() -> int:
                 mod.use_lut = False
             nbytes = sum(mod.nbytes for mod in layers)
             rows.append(
-                {"method": label, "bits": bits, "bytes": nbytes, "ppl": _ppl(m, held), "seconds": secs}
+                {"method": label, "bits": bits, "bytes": nbytes, "ppl": _perplexity(m, held, 8), "seconds": secs}
             )
             C.log(f"{label} {bits}-bit: ppl {rows[-1]['ppl']:.2f} ({secs:.0f} s)")
 

@@ -19,11 +19,11 @@ from torch import Tensor
 
 from shiftkit.core.config import ShiftConfig
 from shiftkit.core.delta import to_delta
-from shiftkit.core.encoding import decoded, dtype_name
+from shiftkit.core.encoding import decoded, dtype_name, encoded_layout
 from shiftkit.core.shift import DELTA, Shift
-from shiftkit.errors import ShiftkitError
+from shiftkit.errors import CorruptFileError, ShiftkitError
 
-__all__ = ["Source", "source_of"]
+__all__ = ["Source", "decode_all", "resolve", "source_of"]
 
 #: methods whose tensors are changes from a known constant: name → base value
 _BASE_VALUE = {DELTA: 0.0, "lora": 0.0, "ia3": 1.0}
@@ -117,3 +117,38 @@ def source_of(shift: Shift, *, as_delta: bool = False, compressor: str) -> Sourc
         raw,
         aliases,
     )
+
+
+def resolve(shift: Shift, name: str) -> tuple[str, tuple[int, ...], torch.dtype, Tensor | None]:
+    """``(stored name, shape, dtype, carried tensor or None)`` of tensor ``name`` of a compressed shift.
+
+    Follows an alias to the name that holds the tensor; returns the verbatim tensor of a carried one.
+
+    Raises:
+        ShiftkitError: no such tensor. CorruptFileError: a carried tensor missing from the payload.
+    """
+    enc = shift.encoding or {}
+    layout = encoded_layout(shift)
+    if name not in layout:
+        raise ShiftkitError(f"the compressed shift has no tensor {name!r}")
+    name = str((enc.get("aliases") or {}).get(name, name))
+    shape, dtype = layout[name]
+    if name in (enc.get("raw") or []):
+        try:
+            return name, shape, dtype, shift.tensors["raw." + name]
+        except KeyError:
+            raise CorruptFileError(f"compressed shift lacks the stored tensor {name!r}") from None
+    return name, shape, dtype, None
+
+
+def decode_all(shift: Shift, decode: Callable[[Shift, str], Tensor]) -> Shift:
+    """The shift a compressed shift encodes, each tensor decoded once by ``decode`` (aliases share it)."""
+    aliases = (shift.encoding or {}).get("aliases") or {}
+    done: dict[str, Tensor] = {}
+    tensors: dict[str, Tensor] = {}
+    for name in encoded_layout(shift):
+        head = str(aliases.get(name, name))
+        if head not in done:
+            done[head] = decode(shift, head)
+        tensors[name] = done[head]
+    return Shift(shift.method, shift.config, tensors, dict(shift.base))

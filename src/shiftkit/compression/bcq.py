@@ -36,9 +36,8 @@ from shiftkit.compression._bcq import (
     quantize_weight,
     unpack_codes,
 )
-from shiftkit.compression._source import Source, source_of
+from shiftkit.compression._source import Source, decode_all, resolve, source_of
 from shiftkit.compression.registry import register_method
-from shiftkit.core.encoding import encoded_layout
 from shiftkit.core.shift import Shift
 from shiftkit.errors import CorruptFileError, ShiftkitError
 
@@ -201,16 +200,9 @@ def bcq_source(
 def decompress_tensor(shift: Shift, name: str) -> Tensor:
     """One tensor of a BCQ-compressed shift, decoded (``Σ_k α_k B_k`` in the input's dtype and shape)."""
     enc = shift.encoding or {}
-    layout = encoded_layout(shift)
-    if name not in layout:
-        raise ShiftkitError(f"the compressed shift has no tensor {name!r}")
-    name = str((enc.get("aliases") or {}).get(name, name))
-    shape, dtype = layout[name]
-    if name in (enc.get("raw") or []):
-        try:
-            return shift.tensors["raw." + name]
-        except KeyError:
-            raise CorruptFileError(f"bcq shift lacks the stored tensor {name!r}") from None
+    name, shape, dtype, carried = resolve(shift, name)
+    if carried is not None:
+        return carried
     try:
         meta = enc["quantized"][name]
         i, g, cols = int(meta["index"]), int(meta["group"]), int(meta["cols"])
@@ -235,15 +227,7 @@ def decompress_tensor(shift: Shift, name: str) -> Tensor:
 
 def decompress(shift: Shift) -> Shift:
     """The shift a BCQ-compressed shift encodes (dense tensors, the input's method and config)."""
-    aliases = (shift.encoding or {}).get("aliases") or {}
-    done: dict[str, Tensor] = {}
-    tensors: dict[str, Tensor] = {}
-    for name in encoded_layout(shift):
-        head = str(aliases.get(name, name))
-        if head not in done:
-            done[head] = decompress_tensor(shift, head)
-        tensors[name] = done[head]
-    return Shift(shift.method, shift.config, tensors, dict(shift.base))
+    return decode_all(shift, decompress_tensor)
 
 
 @register_method(

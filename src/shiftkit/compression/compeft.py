@@ -37,7 +37,7 @@ from shiftkit.compression._bits import (
     pack_bits,
     unpack_bits,
 )
-from shiftkit.compression._source import Source, source_of
+from shiftkit.compression._source import Source, decode_all, resolve, source_of
 from shiftkit.compression.registry import register_method
 from shiftkit.core.encoding import encoded_layout
 from shiftkit.core.shift import Shift
@@ -96,12 +96,9 @@ def decompress_tensor(shift: Shift, name: str) -> Tensor:
     """One tensor of a ComPEFT-compressed shift, decoded (the input's dtype and shape)."""
     enc = shift.encoding or {}
     layout = encoded_layout(shift)
-    if name not in layout:
-        raise ShiftkitError(f"the compressed shift has no tensor {name!r}")
-    name = str((enc.get("aliases") or {}).get(name, name))
-    if name in (enc.get("raw") or []):
-        return _payload(shift, "raw." + name)
-    shape, dtype = layout[name]
+    name, shape, dtype, kept_as_is = resolve(shift, name)
+    if kept_as_is is not None:
+        return kept_as_is
     try:
         carried, aliases = set(enc.get("raw") or []), set(enc.get("aliases") or {})
         i = [n for n in layout if n not in carried and n not in aliases].index(name)
@@ -156,16 +153,7 @@ def decompress_tensor(shift: Shift, name: str) -> Tensor:
 
 def decompress(shift: Shift) -> Shift:
     """The shift a ComPEFT-compressed shift encodes (dense tensors, the input's method and config)."""
-    layout = encoded_layout(shift)
-    done: dict[str, Tensor] = {}
-    aliases = (shift.encoding or {}).get("aliases") or {}
-    tensors: dict[str, Tensor] = {}
-    for name in layout:
-        head = str(aliases.get(name, name))
-        if head not in done:
-            done[head] = decompress_tensor(shift, head)
-        tensors[name] = done[head]
-    return Shift(shift.method, shift.config, tensors, dict(shift.base))
+    return decode_all(shift, decompress_tensor)
 
 
 def encode(
