@@ -101,7 +101,13 @@ def main() -> int:
                 mod.use_lut = False
             nbytes = sum(mod.nbytes for mod in layers)
             rows.append(
-                {"method": label, "bits": bits, "bytes": nbytes, "ppl": _perplexity(m, held, 8), "seconds": secs}
+                {
+                    "method": label,
+                    "bits": bits,
+                    "bytes": nbytes,
+                    "ppl": _perplexity(m, held, 8),
+                    "seconds": secs,
+                }
             )
             C.log(f"{label} {bits}-bit: ppl {rows[-1]['ppl']:.2f} ({secs:.0f} s)")
 
