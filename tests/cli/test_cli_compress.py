@@ -55,8 +55,9 @@ def test_shift_file_table_and_inspect(llamas: dict[str, Path], tmp_path: Path, c
     assert sk.load(out).encoding["params"]["density"] == 0.05
     assert main(["compress", str(src), str(tmp_path / "x.safetensors"), "--density", "0"]) == 2
     assert "density" in capsys.readouterr().err
-    assert main(["compress", "--list", "x", "y"]) == 0
+    assert main(["compress", "--list"]) == 0
     assert "compeft" in capsys.readouterr().out
+    assert main(["compress", str(src)]) == 2 and "give IN and OUT" in capsys.readouterr().err
 
 
 def test_merge_reads_a_compressed_shift_file(llamas: dict[str, Path], tmp_path: Path) -> None:

@@ -20,13 +20,14 @@ OUT is a shift file (.safetensors) holding the encoded payload; sk.load, sk.appl
 """
 
 EPILOG = """\
-examples:
-  shiftkit compress runs/demo/task.safetensors runs/task.compeft.safetensors --method compeft --density 0.1
-  shiftkit compress runs/lora.safetensors runs/lora.small.safetensors --density 0.2 --as-delta
-  shiftkit compress runs/merge_inputs/ft1 runs/ft1.compeft.safetensors --base runs/merge_inputs/base
-  shiftkit compress runs/task.safetensors runs/task.bcq.safetensors --method bcq --bits 3 --group-size 128
-  shiftkit compress IN OUT --method mine --param bits=4 --param scheme='"fast"'   # any compressor
-  shiftkit inspect runs/task.compeft.safetensors
+examples (the shift files come from `shiftkit demo`, the folders from `python examples/make_merge_inputs.py`):
+  shiftkit compress runs/demo/full.safetensors runs/full.compeft.safetensors --method compeft --density 0.05
+  shiftkit compress runs/demo/lora.safetensors runs/lora.small.safetensors --density 0.5
+  shiftkit compress runs/demo/lora.safetensors runs/lora.bcq.safetensors --method bcq --bits 3 --group-size 64
+  shiftkit compress runs/merge-inputs/movies runs/movies.compeft.safetensors --base runs/merge-inputs/base
+  shiftkit compress IN OUT --method mine --param bits=4 --param scheme='"fast"'   # any registered compressor
+  shiftkit compress --list
+  shiftkit inspect runs/full.compeft.safetensors
 """
 
 
@@ -39,8 +40,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", metavar="IN", help="a shift file, or a fine-tuned model with --base")
-    p.add_argument("out", metavar="OUT", help="the compressed shift file (.safetensors)")
+    p.add_argument("input", metavar="IN", nargs="?", help="a shift file, or a fine-tuned model with --base")
+    p.add_argument("out", metavar="OUT", nargs="?", help="the compressed shift file (.safetensors)")
     p.add_argument("--base", help="the base model IN was fine-tuned from (compress IN − BASE)")
     p.add_argument("--method", default="compeft", help="compressor (default compeft; see --list)")
     p.add_argument("--density", type=float, help="compeft: fraction of entries kept, in (0, 1] (0.1)")
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(list_methods()))
         return 0
+    if args.input is None or args.out is None:
+        raise ShiftkitError("give IN and OUT (or --list for the compressors)")
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ShiftkitError(f"{out} exists; pass --force to replace it")
