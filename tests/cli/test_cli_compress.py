@@ -37,6 +37,9 @@ def test_folder_against_base_equals_in_memory(llamas: dict[str, Path], tmp_path:
     info = json.loads((tmp_path / "c.json").read_text())
     assert info["file_bytes"] == out.stat().st_size and info["ratio_vs_bf16"] > 1
     assert capsys.readouterr().out == ""
+    bad = ["compress", str(llamas["ft0"]), str(tmp_path / "x.safetensors"), "--base", str(llamas["base"])]
+    assert main([*bad, "--param", "bogus=1"]) == 2  # a parameter the compressor lacks, streamed
+    assert "compressor 'compeft'" in capsys.readouterr().err
 
 
 def test_shift_file_table_and_inspect(llamas: dict[str, Path], tmp_path: Path, capsys) -> None:

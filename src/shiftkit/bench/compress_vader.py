@@ -30,7 +30,6 @@ import dataclasses
 import html
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,16 +120,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_bytes(shift: Any) -> int:
-    """Bytes of ``shift`` saved as a shift file (what a user ships)."""
-    import shiftkit as sk
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "s.safetensors"
-        sk.save(shift, path)
-        return path.stat().st_size
-
-
 def run_suite(
     settings: dict[str, Any],
     *,
@@ -148,6 +137,7 @@ def run_suite(
     import shiftkit as sk
     from shiftkit.bench._merge_vader_merges import MergeVaderSettings, _merge_one
     from shiftkit.bench.report import environment
+    from shiftkit.core.io import file_size
     from shiftkit.recipes.vader_experts import build_experts, evaluate, load_splits, with_delta
 
     say = log or (lambda _m: None)
@@ -201,7 +191,7 @@ def run_suite(
                 else:
                     small = sk.compress(x, method="bcq", **params)
                     back = sk.decompress(small)
-                sizes.append(_file_bytes(small))
+                sizes.append(file_size(small))
                 decoded[d] = dense(back)
             acc = {d: own_accuracy(d, decoded[d], "test") for d in DOMAINS}
             mean = sum(acc.values()) / len(acc)

@@ -431,24 +431,19 @@ def _merge(s: DemoSettings, progress: bool | None, say: Callable[[str], None]) -
 # --- compress ----------------------------------------------------------------------------------------
 def _compress(s: DemoSettings, experts: Any, data: Any, say: Callable[[str], None]) -> dict[str, Any]:
     """Each LoRA expert compressed every way of ``s.compressions``: file bytes and own-domain accuracy."""
+    from shiftkit.core.io import file_size
     from shiftkit.recipes.vader_experts import DOMAINS, evaluate, with_delta
 
     def own(d: str, delta: sk.Shift) -> float:
         with with_delta(data, delta) as model:
             return evaluate(model, {d: data.test_batches[d]})[d]
 
-    def file_bytes(shift: sk.Shift) -> int:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "s.safetensors"
-            sk.save(shift, path)
-            return path.stat().st_size
-
     dense = {d: experts.lora[d] for d in DOMAINS}
     rows: list[dict[str, Any]] = [
         {
             "row": "LoRA experts as trained (fp32)",
             "compressor": "none",
-            "bytes": {d: file_bytes(dense[d]) for d in DOMAINS},
+            "bytes": {d: file_size(dense[d]) for d in DOMAINS},
             "accuracy": {d: own(d, experts.lora_delta[d]) for d in DOMAINS},  # as the merge section
             "seconds": 0.0,
         }
@@ -462,7 +457,7 @@ def _compress(s: DemoSettings, experts: Any, data: Any, say: Callable[[str], Non
             {
                 "row": f"{name} ({label})",
                 "compressor": name,
-                "bytes": {d: file_bytes(small[d]) for d in DOMAINS},
+                "bytes": {d: file_size(small[d]) for d in DOMAINS},
                 "accuracy": {d: own(d, sk.to_delta(small[d])) for d in DOMAINS},  # decodes, then s·B A
                 "seconds": seconds,
             }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from typing import Any
 
@@ -122,17 +123,20 @@ def run(args: argparse.Namespace) -> int:
                 f"compressor {args.method!r} needs the whole shift in memory: build it with sk.task_vector "
                 "and compress the shift file instead of a model folder"
             )
-        shift = _compress_checkpoint(args.input, args.base, spec.stream, params, progress=not args.quiet)
+        shift = _compress_checkpoint(
+            args.input, args.base, args.method, spec.stream, params, progress=not args.quiet
+        )
     else:
+        from shiftkit.compression.api import compress
         from shiftkit.core.io import load
 
-        shift = spec.compress(load(args.input), **params)
+        shift = compress(load(args.input), method=args.method, **params)
     from shiftkit.core.encoding import encoded_layout
     from shiftkit.core.io import save
 
     save(shift, out)
     seconds = time.perf_counter() - t0
-    numel = sum(_numel(shape) for shape, _ in encoded_layout(shift).values())
+    numel = sum(math.prod(shape) for shape, _ in encoded_layout(shift).values())
     info = {
         "input": args.input,
         "base": args.base,
@@ -165,13 +169,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _compress_checkpoint(
-    tuned_path: str, base_path: str, stream: Any, params: dict[str, Any], *, progress: bool
+    tuned_path: str, base_path: str, method: str, stream: Any, params: dict[str, Any], *, progress: bool
 ) -> Any:
     """Compress ``tuned − base`` read tensor by tensor from two checkpoints (float32 changes)."""
     import torch
     from tqdm.auto import tqdm
 
     from shiftkit.compression._source import Source
+    from shiftkit.compression.api import call_compressor
     from shiftkit.errors import ShiftMismatchError
     from shiftkit.merging.stream.checkpoints import open_checkpoint
 
@@ -200,13 +205,6 @@ def _compress_checkpoint(
         layout = {k: (tuple(tuned.shape(k) or ()), torch.float32) for k in names}
         src = Source("delta", None, {k: s for k, (s, _) in layout.items()}, 0.0, layout, names, read)
         try:
-            return stream(src, **params)
+            return call_compressor(method, stream, src, **params)
         finally:
             bar.close()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -27,7 +27,9 @@ __all__ = [
     "apot",
     "dequantize",
     "fit_bcq",
+    "hessian_factor",
     "layer_score",
+    "lut_index",
     "lut_matmul",
     "nearest_codes",
     "pack_codes",
@@ -169,17 +171,15 @@ def allocate_bits(
     return out
 
 
-def _hessian_factor(h: Tensor, w: Tensor, damp: float) -> tuple[Tensor, Tensor]:
-    """``(U, w)``: the upper Cholesky factor of the dampened ``H⁻¹`` and ``w`` with dead inputs zeroed."""
+def hessian_factor(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of the dampened ``H⁻¹`` (dead inputs, ``H_ii = 0``, get
+    ``H_ii = 1``) and the mask of those dead inputs (whose weight columns the sweep zeroes)."""
     h = h.to(torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w = w.clone()
-    w[:, dead] = 0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    low = torch.linalg.cholesky(h)
-    hinv = torch.cholesky_inverse(low)
-    return torch.linalg.cholesky(hinv, upper=True), w
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(hinv, upper=True), dead
 
 
 def quantize_weight(
@@ -204,8 +204,9 @@ def quantize_weight(
     if hessian is None:
         alpha, codes = _fit_groups(w64.to(torch.float32), bits, g, rounds, use_apot)
         return alpha.to(torch.float32), codes.to(torch.int8)
-    u, work = _hessian_factor(hessian, w64, damp)
-    u, work = u.to(torch.float32), work.to(torch.float32)
+    u64, dead = hessian_factor(hessian, damp)
+    u, work = u64.to(torch.float32), w64.to(torch.float32)
+    work[:, dead] = 0
     alpha = torch.empty(out, n // g, bits, dtype=torch.float32)
     codes = torch.empty(out, n, bits, dtype=torch.float32)
     signs = _sign_table(bits, torch.float32)
@@ -255,7 +256,16 @@ def _tables(xc: Tensor) -> Tensor:
     return t
 
 
-def lut_matmul(x: Tensor, packed: Tensor, alpha: Tensor, group_size: int, in_features: int) -> Tensor:
+def lut_index(packed: Tensor) -> Tensor:
+    """``(q, out, C)`` int64 positions of each code byte in the flattened ``(C·256)`` tables (computed once
+    per layer: :class:`~shiftkit.compression.bcq.BCQLinear` keeps it)."""
+    chunks = packed.shape[-1]
+    return packed.long() + (torch.arange(chunks, device=packed.device) * 256)[None, None, :]
+
+
+def lut_matmul(
+    x: Tensor, packed: Tensor, alpha: Tensor, group_size: int, in_features: int, index: Tensor | None = None
+) -> Tensor:
     """``x Ŵᵀ`` by table look-ups: ``x (..., in)``, ``packed (q, out, C)`` codes, ``alpha (q, out, G)``.
 
     Equals ``x @ dequantize(...)ᵀ`` up to float summation order. Weight multiplications: none; scale
@@ -269,8 +279,7 @@ def lut_matmul(x: Tensor, packed: Tensor, alpha: Tensor, group_size: int, in_fea
         xf = torch.nn.functional.pad(xf, (0, pad))
     groups = alpha.shape[-1]
     per_group = chunks // groups if group_size != -1 else chunks
-    offs = (torch.arange(chunks) * 256)[None, :]
-    flat_idx = [packed[k].long() + offs for k in range(q)]  # (out, C) into the flattened tables
+    flat_idx = lut_index(packed) if index is None else index  # (q, out, C) into the flattened tables
     y = torch.empty(xf.shape[0], out, dtype=torch.float32)
     rows = max(1, (1 << 22) // max(1, out * chunks))  # tokens per tile: ~16 MB of gathered sums
     for s in range(0, xf.shape[0], rows):

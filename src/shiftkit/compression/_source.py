@@ -11,6 +11,7 @@ with what to do (attach and ``sk.to_delta(model)``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,13 +62,7 @@ class Source:
 
     def numel(self) -> int:
         """Entries of the encoded tensors."""
-        total = 0
-        for name in self.encode:
-            n = 1
-            for s in self.layout[name][0]:
-                n *= s
-            total += n
-        return total
+        return sum(math.prod(self.layout[name][0]) for name in self.encode)
 
 
 def source_of(shift: Shift, *, as_delta: bool = False, compressor: str) -> Source:

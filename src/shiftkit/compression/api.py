@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -12,7 +13,7 @@ from shiftkit.core.encoding import decoded
 from shiftkit.core.shift import Shift
 from shiftkit.errors import ShiftkitError, UnknownMethodError
 
-__all__ = ["QUANTIZERS", "compress", "decompress", "quantize_"]
+__all__ = ["QUANTIZERS", "call_compressor", "compress", "decompress", "quantize_"]
 
 #: model quantisers of ``sk.quantize_``: name → ``quantize(model, **params)``
 QUANTIZERS = {"bcq": bcq.quantize_model_}
@@ -43,8 +44,14 @@ def compress(shift: Shift, method: str = "compeft", **params: Any) -> Shift:
     spec = get_method(method)
     if not isinstance(shift, Shift):
         raise ShiftkitError(f"sk.compress expects a Shift, got {type(shift).__name__}")
+    return call_compressor(method, spec.compress, decoded(shift), **params)
+
+
+def call_compressor(method: str, fn: Callable[..., Shift], source: Any, **params: Any) -> Shift:
+    """``fn(source, **params)``, with a parameter the compressor does not take reported as a ShiftkitError
+    naming the compressor (``sk.compress`` and ``shiftkit compress``, in memory or streamed)."""
     try:
-        return spec.compress(decoded(shift), **params)
+        return fn(source, **params)
     except TypeError as err:
         if "unexpected keyword" in str(err) or "positional argument" in str(err):
             raise ShiftkitError(f"compressor {method!r}: {err}") from None

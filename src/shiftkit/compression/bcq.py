@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from shiftkit.compression._bcq import (
     allocate_bits,
     dequantize,
+    hessian_factor,
     layer_score,
+    lut_index,
     lut_matmul,
     pack_codes,
     quantize_weight,
@@ -38,7 +40,9 @@ from shiftkit.compression._bcq import (
 )
 from shiftkit.compression._source import Source, decode_all, resolve, source_of
 from shiftkit.compression.registry import register_method
+from shiftkit.core.config import Patterns
 from shiftkit.core.shift import Shift
+from shiftkit.core.targets import match_names, output_embedding
 from shiftkit.errors import CorruptFileError, ShiftkitError
 
 __all__ = ["BCQLinear", "bcq", "bcq_source", "decompress", "decompress_tensor", "quantize_model_"]
@@ -102,11 +106,7 @@ def _hessian(name: str, x: Tensor, cols: int) -> Tensor:
 
 
 def _u_diag(h: Tensor, damp: float) -> Tensor:
-    h = h.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    return torch.diag(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True))
+    return torch.diag(hessian_factor(h, damp)[0])
 
 
 def bcq_source(
@@ -309,7 +309,8 @@ class BCQLinear(nn.Module):
         self.register_buffer("alpha", alpha)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.use_lut = True
-        self._dense: Tensor | None = None
+        self._dense: Tensor | None = None  # the dequantised weight, made on the first dense forward
+        self._index: Tensor | None = None  # the codes' table positions, made on the first lookup forward
 
     def dequantize(self) -> Tensor:
         """The dense weight ``(out, in)`` the codes and scales stand for (float32)."""
@@ -318,7 +319,9 @@ class BCQLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_lut:
-            y = lut_matmul(x, self.codes, self.alpha, self.group_size, self.in_features)
+            if self._index is None or self._index.device != self.codes.device:
+                self._index = lut_index(self.codes)
+            y = lut_matmul(x, self.codes, self.alpha, self.group_size, self.in_features, self._index)
         else:
             if self._dense is None:
                 self._dense = self.dequantize()
@@ -337,25 +340,14 @@ class BCQLinear(nn.Module):
         )
 
 
-def _linear_targets(
-    model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str] | None
-) -> list[str]:
-    head = None
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            head = getter()
-        except Exception:  # a model's own getter may not be implemented
-            head = None
-    names = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or m is head:
-            continue
-        if targets is not None and not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        if exclude and any(name == t or name.endswith("." + t) for t in exclude):
-            continue
-        names.append(name)
+def _linear_targets(model: nn.Module, targets: Patterns, exclude: Patterns) -> list[str]:
+    """The Linear layers to quantise (PEFT's matching rules, as ``target_modules``), not the output head."""
+    head = output_embedding(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    if targets is not None:
+        names = match_names(names, targets)
+    if exclude is not None:
+        names = [n for n in names if n not in set(match_names(names, exclude))]
     if not names:
         raise ShiftkitError("quantize_ found no nn.Linear to quantise (the output embedding is left alone)")
     return names
@@ -435,8 +427,8 @@ def quantize_model_(
     bits: int | str = 3,
     group_size: int = 64,
     calib: Iterable[Any] | None = None,
-    target_modules: Sequence[str] | None = None,
-    exclude_modules: Sequence[str] | None = None,
+    target_modules: Patterns = None,
+    exclude_modules: Patterns = None,
     rounds: int = 20,
     apot: bool = False,
     budget: float | None = None,
@@ -451,7 +443,8 @@ def quantize_model_(
         bits, group_size, rounds, apot, budget, choices, damp: as in :func:`bcq`.
         calib: batches the model takes (a tensor, a dict of keyword arguments, or a tuple of arguments):
             the output-error objective, stage by stage. ``None``: the weight-error objective.
-        target_modules / exclude_modules: Linear names (exact or ``.``-suffix, as in PEFT) to include or skip.
+        target_modules / exclude_modules: Linears to include or skip, matched as ``target_modules`` is
+            (a list: exact names or ``.``-suffixes; a string: a full regular expression).
         progress: a progress bar over the layers.
 
     Returns:

@@ -67,10 +67,11 @@ def _check_params(density: float, alpha: float | str) -> None:
 
 def _positions(pos: np.ndarray, numel: int, b: int, choice: str) -> tuple[int, bytes, int]:
     """(format, bytes, unary bit count) of one tensor's kept positions."""
-    unary, ubits, rem = golomb_encode(pos, b)
-    golomb = unary.tobytes() + rem.tobytes()
-    if choice == "golomb" or (choice == "auto" and len(golomb) <= (numel + 7) // 8):
-        return _GOLOMB, golomb, ubits
+    if choice != "bitmap":
+        unary, ubits, rem = golomb_encode(pos, b)
+        golomb = unary.tobytes() + rem.tobytes()
+        if choice == "golomb" or len(golomb) <= (numel + 7) // 8:
+            return _GOLOMB, golomb, ubits
     mask = np.zeros(numel, np.uint8)
     mask[pos] = 1
     return _BITMAP, pack_bits(mask).tobytes(), 0

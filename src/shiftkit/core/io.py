@@ -25,7 +25,7 @@ from shiftkit.core.registry import config_from_dict
 from shiftkit.core.shift import DELTA, Shift, split_key
 from shiftkit.errors import CorruptFileError, ShiftkitError
 
-__all__ = ["FORMAT_VERSION", "atomic_save_tensors", "load", "read_metadata", "save"]
+__all__ = ["FORMAT_VERSION", "atomic_save_tensors", "file_size", "load", "read_metadata", "save"]
 
 FORMAT_VERSION = 1
 META_KEY = "shiftkit"
@@ -37,16 +37,8 @@ def _version() -> str:
     return __version__
 
 
-def atomic_save_tensors(
-    tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str]
-) -> None:
-    """Write a safetensors file atomically: a temp file in the same folder, fsync, then rename.
-
-    An interrupted write leaves any previous file at ``path`` intact.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared storage: clone the duplicates, keep the rest zero-copy
+def _clean(tensors: dict[str, Any]) -> dict[str, Any]:
+    """CPU, contiguous, unshared tensors (safetensors refuses shared storage): duplicates are cloned."""
     seen: set[tuple[int, int]] = set()
     clean = {}
     for k, t in tensors.items():
@@ -62,17 +54,25 @@ def atomic_save_tensors(
             t = t.contiguous().clone()
         seen.add(key)
         clean[k] = t
+    return clean
+
+
+def atomic_save_tensors(
+    tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str]
+) -> None:
+    """Write a safetensors file atomically: a temp file in the same folder, fsync, then rename.
+
+    An interrupted write leaves any previous file at ``path`` intact.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     # serialise in memory and write our own temp file (safetensors' save_file would leave an anonymous
     # temp file of its own behind if the process is killed mid-write)
-    atomic_write_bytes(target, serialize(clean, metadata=metadata))
+    atomic_write_bytes(target, serialize(_clean(tensors), metadata=metadata))
 
 
-def save(shift: Shift, path: str | os.PathLike[str]) -> None:
-    """Save ``shift`` as one safetensors file (config JSON in the metadata), atomically.
-
-    Example:
-        >>> sk.save(sk.extract(model), "lora.safetensors")
-    """
+def _file_parts(shift: Shift) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensors and metadata of ``shift``'s file."""
     if not isinstance(shift, Shift):
         raise ShiftkitError(f"sk.save expects a Shift, got {type(shift).__name__}")
     meta = {
@@ -88,7 +88,28 @@ def save(shift: Shift, path: str | os.PathLike[str]) -> None:
     if aliases:
         meta["aliases"] = aliases
     tensors = {k: t for k, t in shift.tensors.items() if k not in aliases}
-    atomic_save_tensors(tensors, path, {META_KEY: json.dumps(meta, separators=(",", ":"))})
+    return tensors, {META_KEY: json.dumps(meta, separators=(",", ":"))}
+
+
+def save(shift: Shift, path: str | os.PathLike[str]) -> None:
+    """Save ``shift`` as one safetensors file (config JSON in the metadata), atomically.
+
+    Example:
+        >>> sk.save(sk.extract(model), "lora.safetensors")
+    """
+    tensors, metadata = _file_parts(shift)
+    atomic_save_tensors(tensors, path, metadata)
+
+
+def file_size(shift: Shift) -> int:
+    """The bytes :func:`save` would write for ``shift`` (serialised in memory; nothing touches the disk).
+
+    Example:
+        >>> file_size(sk.compress(tv, method="compeft", density=0.1))
+        1642642
+    """
+    tensors, metadata = _file_parts(shift)
+    return len(serialize(_clean(tensors), metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

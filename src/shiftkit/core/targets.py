@@ -23,7 +23,14 @@ from shiftkit.core.config import Patterns, ShiftConfig
 from shiftkit.core.wrapper import is_shift_module
 from shiftkit.errors import ShiftkitError, TargetNotFoundError
 
-__all__ = ["find_input_embeddings", "input_embedding_of", "iter_base_modules", "match_names", "match_targets"]
+__all__ = [
+    "find_input_embeddings",
+    "input_embedding_of",
+    "iter_base_modules",
+    "match_names",
+    "match_targets",
+    "output_embedding",
+]
 
 
 def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -52,7 +59,8 @@ def _type_names(module: nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
 
 
-def _output_embedding(model: nn.Module) -> nn.Module | None:
+def output_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's output embedding (``get_output_embeddings()``), or ``None`` when it has none."""
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
         try:
@@ -101,7 +109,7 @@ def match_targets(
 
     if patterns in ("all", "all-linear"):
         wanted = nn.Linear if patterns == "all-linear" else supported
-        out_emb = _output_embedding(model) if patterns == "all-linear" else None
+        out_emb = output_embedding(model) if patterns == "all-linear" else None
         picked = [(n, m) for n, m in modules if isinstance(m, wanted) and isinstance(m, supported)]
         picked = [(n, m) for n, m in picked if m is not out_emb]
     else:
