@@ -104,6 +104,9 @@ bench: assets
 	$(BIN)/python benchmarks/merge_ties.py
 	$(BIN)/python benchmarks/merge_lora_exact.py
 	$(BIN)/python benchmarks/tta_throughput.py
+	$(BIN)/python benchmarks/bcq_smollm2.py
+	$(BIN)/python benchmarks/compress_throughput.py
+	$(BIN)/python benchmarks/light_peft_vader.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) .mypy_cache .ruff_cache .pytest_cache runs

@@ -141,3 +141,54 @@ def test_learn_minilm_bitfit(tmp_path: Path) -> None:
 
     fresh, _ = text_classifier("minilm", num_labels=2, seed=0)
     sk.attach_(fresh, sk.load(tmp_path / "out" / "shift.safetensors"))
+
+
+def tiny_bert() -> tuple[nn.Module, CharTokenizer]:
+    """A deterministic tiny BERT classifier (4 heads of 6, FFN 36) for Light-PEFT runs."""
+    from transformers import BertConfig, BertModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=40, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=36,
+            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        encoder = BertModel(config, add_pooling_layer=False)
+    return TextClassifier(encoder, num_labels=2, seed=0), CharTokenizer()
+
+
+@pytest.mark.assets
+def test_learn_with_light_peft_prunes_and_writes_the_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shiftkit.compression.prune import prune_
+
+    need_asset("vader")
+    lora = "{name: lora, r: 4, lora_alpha: 8, target_modules: [query, key, value, intermediate.dense]}"
+    cfg = _config(tmp_path, lora, model=f"{__name__}:tiny_bert", n=64)
+    with cfg.open("a") as f:
+        f.write("prune: {estimate_steps: 3, head_ratio: 0.25, ffn_ratio: 0.25, module_ratio: 0.5}\n")
+    assert main(["learn", str(cfg), "--no-progress"]) == 0
+    assert "lora (light-peft)" in capsys.readouterr().out
+    plan = json.loads((tmp_path / "out" / "prune.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["prune"]["estimate_steps"] == 3 and metrics["steps"] == 4  # 64 sentences, batch 16
+    assert (
+        metrics["prune"]["heads_removed"] == sum(len(v) for v in plan["heads"].values()) == 2
+    )  # 1 per layer
+    # half of the 8 by module score, and any whose every rank falls under the rank quantile
+    assert 4 <= len(metrics["prune"]["lora_modules_removed"]) < 8
+    base, _ = tiny_bert()
+    prune_(base, plan["heads"], plan["neurons"])
+    sk.attach_(base, sk.load(tmp_path / "out" / "shift.safetensors"))  # the shift fits the rebuilt base
+    assert base(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long)).shape == (1, 2)
+
+
+def test_prune_needs_lora(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"model: minilm\nmethod: bitfit\nprune: {{estimate_steps: 4}}\noutput: {tmp_path}\n")
+    assert main(["learn", str(cfg)]) == 2
+    assert "needs method lora" in capsys.readouterr().err
+    cfg.write_text(f"model: minilm\nmethod: lora\nprune: {{estimate: 4}}\noutput: {tmp_path}\n")
+    assert main(["learn", str(cfg)]) == 2
+    assert "estimate_steps" in capsys.readouterr().err

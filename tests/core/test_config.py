@@ -117,6 +117,8 @@ def test_to_dict_shape_and_json_safety() -> None:
             "lora_dropout": 0.0,
             "use_rslora": False,
             "init_lora_weights": True,
+            "rank_pattern": {},
+            "alpha_pattern": {},
         },
     }
     assert config_from_dict(json.loads(json.dumps(data))) == config

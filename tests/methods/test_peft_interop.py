@@ -143,6 +143,26 @@ CASES: list[tuple[str, str, Callable[[], Any], Callable[[], sk.ShiftConfig], str
         ),
         None,
     ),
+    (
+        # per-module ranks and alphas (PEFT's keys are name-suffix regular expressions, first match wins)
+        "lora-llama-rank-pattern",
+        "tiny_llama",
+        lambda: peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            rank_pattern={"layers.0.self_attn.q_proj": 1, "v_proj": 2},
+            alpha_pattern={"up_proj": 3},
+        ),
+        lambda: sk.LoRAConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            rank_pattern={"layers.0.self_attn.q_proj": 1, "v_proj": 2},
+            alpha_pattern={"up_proj": 3},
+        ),
+        None,
+    ),
     ("ia3-llama", "tiny_llama", lambda: peft.IA3Config(), lambda: sk.IA3Config(), None),
     (
         "ia3-llama-feedforward",
@@ -395,7 +415,8 @@ def _edit_config(folder: Path, **changes: Any) -> None:
         ({"peft_type": "LOHA"}, "LOHA"),
         ({"use_dora": True}, "use_dora"),
         ({"bias": "all"}, "bias"),
-        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+        ({"rank_pattern": {"q_proj": 4}}, "config says r=4"),
+        ({"layer_replication": [[0, 1]]}, "layer_replication"),
         ({"init_lora_weights": "pissa"}, "pissa"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ],

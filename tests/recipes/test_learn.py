@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import shiftkit as sk
 from shiftkit.recipes.learn import (
     EncodedTexts,
     TrainConfig,
+    TrainHooks,
     accuracy,
     cosine_schedule,
     encode_texts,
@@ -227,6 +229,41 @@ def test_periodic_evaluation() -> None:
     assert [s for s, _ in res.evals] == [3, 6, 8]  # every 3 steps, and once at the end
     assert calls == [False, False, False]  # evaluated in eval mode
     assert res.final_metrics == {"accuracy": 0.5}
+
+
+def test_hooks_run_in_order_and_max_steps_stops_the_run() -> None:
+    model = nn.Linear(3, 2)
+    events: list[str] = []
+
+    class Hooks(TrainHooks):
+        def on_batch(self, inputs: Any) -> None:
+            events.append(f"batch:{sorted(inputs)}")
+
+        def extra_loss(self) -> Tensor:
+            events.append("loss")
+            return 1e3 * model.bias.square().sum()  # a term the step must see
+
+        def after_backward(self) -> None:
+            events.append(f"grad:{model.bias.grad is not None}")
+
+        def after_step(self) -> None:
+            events.append("step")
+
+    batches = [{"input": torch.ones(2, 3), "labels": torch.tensor([0, 1])}] * 5
+    with torch.no_grad():
+        model.bias.fill_(1.0)
+    cfg = TrainConfig(epochs=3, lr=1e-2, warmup_ratio=0.0, max_steps=4)
+    res = train(model, list(model.parameters()), batches, None, cfg, progress=False, hooks=Hooks())
+    assert res.steps == 4 and len(res.losses) == 4  # of 15
+    assert events[:4] == ["batch:['input']", "loss", "grad:True", "step"] and len(events) == 16
+    assert res.losses[0] > 2e3  # 1e3 · Σ bias² (2 entries of 1) is in the loss
+    with pytest.raises(sk.ShiftkitError, match="max_steps"):
+        TrainConfig(max_steps=-1)
+
+
+def test_light_peft_example_config_is_valid() -> None:
+    cfg = load_run_config(ROOT / "examples" / "learn_vader_light_peft.yaml")
+    assert cfg.prune is not None and cfg.prune.estimate_steps == 16 and cfg.method == "lora"
 
 
 def test_train_rejects_nothing_to_train() -> None:

@@ -14,7 +14,10 @@ DESCRIPTION = """\
 Train what a YAML config describes: a zoo model (or your own 'package.module:function' returning
 (model, tokenizer)), a zoo dataset, a method (any registered shift method, 'full' or 'probe') and the
 training settings. Writes <output>/shift.safetensors (for 'full' and 'probe': their task vector) and
-<output>/metrics.json, and prints a result table.
+<output>/metrics.json, and prints a result table. With a 'prune:' block (LoRA only) the run is Light-PEFT's:
+a short estimation, the base pruned of attention heads and FFN neurons and the LoRA of modules and ranks,
+then training of the smaller model; <output>/prune.json lists the removed units (the shift fits the base
+rebuilt with shiftkit.compression.prune.prune_(base, **plan)).
 """
 
 EPILOG = """\
@@ -26,9 +29,12 @@ config (unknown keys are an error):
                                   # grad_clip, eval_every, max_length, parallel (ddp | fsdp)
   output: runs/learn/tweets-lora
   plugins: [my_project.methods]   # optional: modules that register methods of your own
+  prune: {estimate_steps: 16, head_ratio: 0.33, ffn_ratio: 0.33, module_ratio: 0.75, rank_ratio: 0.5}
+                                  # optional, lora only: Light-PEFT (also l1: the masks' L1 weight)
 
 examples:
   shiftkit learn examples/learn_vader_lora.yaml
+  shiftkit learn examples/learn_vader_light_peft.yaml   # Light-PEFT: estimate, prune, train
   shiftkit learn examples/learn_vader_lora.yaml --output runs/my-lora --json runs/my-lora.json
   torchrun --nproc_per_node 2 -m shiftkit learn examples/learn_vader_lora.yaml   # 2 processes (DDP)
       # with train: {parallel: fsdp} the base is sharded over the processes (FSDP2); rank 0 writes the files
@@ -85,11 +91,13 @@ def run(args: argparse.Namespace) -> int:
     metrics["shift_file"] = str(shift_path)
     metrics["shift_bytes"] = shift_path.stat().st_size
     write_json(out / "metrics.json", metrics)
+    if result.prune_plan is not None:  # Light-PEFT: the units removed from the base
+        write_json(out / "prune.json", result.prune_plan)
     if args.json:
         write_json(args.json, metrics)
 
     row: dict[str, Any] = {
-        "method": metrics["method"],
+        "method": metrics["method"] + (" (light-peft)" if result.prune_plan is not None else ""),
         "trainable": f"{metrics['trainable_params']:,}",
         "% of model": f"{metrics['trainable_pct']:.3g}%",
         **{f"acc {dom}": f"{acc:.3f}" for dom, acc in metrics["accuracy"].items()},
@@ -99,5 +107,8 @@ def run(args: argparse.Namespace) -> int:
         "shift KiB": f"{metrics['shift_bytes'] / 1024:.1f}",
     }
     print(format_table([row]))
-    print(f"\nwrote {shift_path} and {out / 'metrics.json'}", file=sys.stdout)
+    written = [shift_path, out / "metrics.json"]
+    if result.prune_plan is not None:
+        written.append(out / "prune.json")
+    print(f"\nwrote {', '.join(map(str, written))}", file=sys.stdout)
     return 0

@@ -13,8 +13,9 @@ selection by quantiles of the mask values, and the structural pruning of the bas
   attention output's columns, FFN input rows and output columns. The result is an ordinary, smaller
   transformer of the same classes (BERT-family and Llama-family layers are recognised).
 
-Not here yet: the PEFT side of Light-PEFT (module- and rank-level importance, pruning LoRA modules and
-ranks) and the early-estimation training loop.
+The PEFT side (module- and rank-level importance, pruning LoRA modules and ranks, slicing the LoRA to the
+pruned base) is :mod:`shiftkit.compression.light_peft`; the two-stage recipe that runs both is
+:func:`shiftkit.recipes.light_peft.light_peft`.
 
 Example:
     >>> masks = attach_masks_(model)

@@ -193,7 +193,7 @@ def _build_wrappers(
     out = []
     for fqn, module in targets:
         try:
-            out.append((fqn, spec.wrap(module, config)))
+            out.append((fqn, spec.wrap(module, config.for_module(fqn))))
         except ShiftkitError as err:
             raise type(err)(f"{spec.name} on {fqn!r}: {err}") from None
     return out

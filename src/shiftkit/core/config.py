@@ -9,13 +9,15 @@ ever instantiate a registered config.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["ShiftConfig", "config_to_dict"]
+__all__ = ["FrozenMap", "ShiftConfig", "config_to_dict"]
+
+V = TypeVar("V")
 
 Patterns = str | Sequence[str] | None
 
@@ -26,6 +28,38 @@ def _as_patterns(value: Any, field_name: str) -> Patterns:
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise ShiftkitError(f"{field_name} must be a string, a list of strings or None; got {value!r}")
+
+
+class FrozenMap(Mapping[str, V]):
+    """An immutable, hashable ``str -> value`` mapping, for config fields that are dicts in PEFT's files
+    (``rank_pattern``): configs stay hashable and compare equal after a JSON round trip. Insertion order is
+    kept (PEFT's pattern look-ups take the first matching key)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, V] | None = None) -> None:
+        self._items: tuple[tuple[str, V], ...] = tuple((items or {}).items())
+
+    def __getitem__(self, key: str) -> V:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other.items())
+
+    def __repr__(self) -> str:
+        return repr(dict(self._items))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +100,11 @@ class ShiftConfig:
         """A copy with ``changes`` applied (configs are frozen)."""
         return dataclasses.replace(self, **changes)
 
+    def for_module(self, fqn: str) -> ShiftConfig:
+        """The settings module ``fqn`` is wrapped with: the config itself, unless the method has per-module
+        settings (LoRA's ``rank_pattern`` / ``alpha_pattern``)."""
+        return self
+
 
 def config_to_dict(config: ShiftConfig) -> dict[str, Any]:
     """Serialise ``config`` as ``{"method", "version", "config"}`` (JSON-safe).
@@ -77,5 +116,5 @@ def config_to_dict(config: ShiftConfig) -> dict[str, Any]:
     fields = {}
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
-        fields[f.name] = list(v) if isinstance(v, tuple) else v
+        fields[f.name] = list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, FrozenMap) else v
     return {"method": type(config).method, "version": type(config).version, "config": fields}

@@ -27,6 +27,7 @@ from shiftkit.core.shift import DELTA, Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.in_memory import merge
 from shiftkit.methods.lora import LoRAConfig
+from shiftkit.methods.lora.config import module_patterns
 from shiftkit.methods.lora.dense import (
     adapted_modules,
     factorise,
@@ -126,11 +127,10 @@ def _concat(
         if i in present:
             a, b = s.tensors[f"{fqn}.lora_A"].to(torch.float32), s.tensors[f"{fqn}.lora_B"].to(torch.float32)
         else:
-            a = torch.zeros(config.r, *a_ref.shape[1:], dtype=torch.float32, device=a_ref.device)
-            b = torch.zeros(
-                b_ref.shape[0], config.r, *b_ref.shape[2:], dtype=torch.float32, device=b_ref.device
-            )
-        a_blocks.append(a * (coeff.get(i, 0.0) * config.scaling))
+            r = config.rank_of(fqn)
+            a = torch.zeros(r, *a_ref.shape[1:], dtype=torch.float32, device=a_ref.device)
+            b = torch.zeros(b_ref.shape[0], r, *b_ref.shape[2:], dtype=torch.float32, device=b_ref.device)
+        a_blocks.append(a * (coeff.get(i, 0.0) * config.scaling_of(fqn)))
         b_blocks.append(b)
     return torch.cat(a_blocks, 0), torch.cat(b_blocks, 1)
 
@@ -224,19 +224,27 @@ def merge_lora(
         if rank is not None:
             raise ShiftkitError("output='concat' has rank Σ r_i; rank= applies to output='lora' only")
         ws = [1.0] * len(shifts) if weights is None else [float(w) for w in weights]
-        r = sum(require_lora(s).r for s in loras)
         for fqn in sorted(kinds):
             pairs[fqn] = _concat(loras, ws, method, params, on_missing, fqn)
+        ranks = {fqn: int(a.shape[0]) for fqn, (a, _) in pairs.items()}
+        r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     else:
-        r = max(require_lora(s).r for s in loras) if rank is None else rank
+        r = max(max(require_lora(s).rank_of(f) for f in kinds) for s in loras) if rank is None else rank
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ShiftkitError(f"rank must be a positive integer, got {rank!r}")
         for name in exact.tensors:
             fqn = name[: -len(".weight")]
             pairs[fqn] = factorise(exact.tensors[name], kinds[fqn][0], r)
+        ranks = {fqn: r for fqn in pairs}
     first = require_lora(loras[0])
+    pattern = module_patterns(ranks, r)  # scaling 1 everywhere: α = rank
     config = LoRAConfig(
-        r=r, lora_alpha=float(r), lora_dropout=first.lora_dropout, target_modules=tuple(sorted(pairs))
+        r=r,
+        lora_alpha=float(r),
+        lora_dropout=first.lora_dropout,
+        target_modules=tuple(sorted(pairs)),
+        rank_pattern={k: int(v) for k, v in pattern.items()},
+        alpha_pattern=pattern,
     )
     tensors: dict[str, Tensor] = {}
     for fqn, (a, b) in sorted(pairs.items()):

@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING, Any
 _API: dict[str, str] = {
     "intrinsic_dimension": "shiftkit.recipes.intrinsic",
     "IntrinsicDimResult": "shiftkit.recipes.intrinsic",
+    "light_peft": "shiftkit.recipes.light_peft",
+    "LightPEFTSettings": "shiftkit.recipes.light_peft",
+    "LightPEFTResult": "shiftkit.recipes.light_peft",
 }
 
-__all__ = ["IntrinsicDimResult", "intrinsic_dimension"]
+__all__ = ["IntrinsicDimResult", "LightPEFTResult", "LightPEFTSettings", "intrinsic_dimension", "light_peft"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,3 +29,4 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from shiftkit.recipes.intrinsic import IntrinsicDimResult, intrinsic_dimension
+    from shiftkit.recipes.light_peft import LightPEFTResult, LightPEFTSettings, light_peft

@@ -35,6 +35,7 @@ __all__ = [
     "EncodedTexts",
     "LengthBuckets",
     "TrainConfig",
+    "TrainHooks",
     "TrainResult",
     "accuracy",
     "cosine_schedule",
@@ -73,6 +74,7 @@ class TrainConfig:
         parallel: how ``torchrun`` ranks share the model (:mod:`shiftkit.recipes.distributed`): ``"ddp"``
             (each holds it whole) or ``"fsdp"`` (FSDP2: every parameter sharded across them). Without
             ``torchrun`` it has no effect.
+        max_steps: stop after this many steps (the schedule is laid over them); ``0``: run every epoch.
     """
 
     epochs: int = 3
@@ -85,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 64
     parallel: str = "ddp"
+    max_steps: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -97,10 +100,32 @@ class TrainConfig:
             "eval_every": self.eval_every >= 0,
             "max_length": self.max_length >= 2,
             "parallel": self.parallel in PARALLEL,
+            "max_steps": isinstance(self.max_steps, int) and self.max_steps >= 0,
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
             raise ShiftkitError(f"invalid TrainConfig: {', '.join(bad)}")
+
+
+class TrainHooks:
+    """Extension points of :func:`train`; subclass and override what you need (each default does nothing).
+
+    Light-PEFT's estimation run (:mod:`shiftkit.recipes.light_peft`) uses them to add the masks' L1 term and
+    to record importance scores after each backward.
+    """
+
+    def on_batch(self, inputs: Mapping[str, Tensor]) -> None:
+        """Called with the model inputs of each batch (labels removed) before the forward."""
+
+    def extra_loss(self) -> Tensor | float:
+        """A term added to the step's loss after the forward (``0.0`` by default)."""
+        return 0.0
+
+    def after_backward(self) -> None:
+        """Called after the backward, while the gradients are there (before clipping and the step)."""
+
+    def after_step(self) -> None:
+        """Called after the optimiser step."""
 
 
 @dataclass
@@ -325,6 +350,7 @@ def train(
     progress: bool | None = None,
     desc: str = "train",
     dist: Dist | None = None,
+    hooks: TrainHooks | None = None,
 ) -> TrainResult:
     """Train ``params`` of ``model`` on ``train_batches`` with cross-entropy.
 
@@ -345,6 +371,7 @@ def train(
         dist: this process's rank among several (:mod:`shiftkit.recipes.distributed`): each global batch
             is split row-wise and each rank's loss is its share of the global mean, so the averaged
             gradients are single-process training's. The logged loss is the global one.
+        hooks: extension points called at each step (:class:`TrainHooks`).
 
     Returns:
         Steps, timing, the loss of every step and the evaluations.
@@ -362,7 +389,10 @@ def train(
     torch.manual_seed(config.seed)
     device = params[0].device
     opt = torch.optim.AdamW(param_groups(params, config.weight_decay), lr=config.lr)
+    hooks = hooks or TrainHooks()
     total = config.epochs * len(train_batches)
+    if config.max_steps:
+        total = min(total, config.max_steps)
     warmup = round(config.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total, warmup))
     result = TrainResult()
@@ -385,20 +415,27 @@ def train(
     model.train()
     try:
         for _ in range(config.epochs):
+            if result.steps >= total:
+                break
             for batch in train_batches:
+                if result.steps >= total:
+                    break
                 mine, n_global = local_rows(batch, dist)  # this rank's rows of the global batch
                 inputs = _to(mine, device)
                 labels = inputs.pop("labels")
+                hooks.on_batch(inputs)
                 # this rank's share of the global mean (the ranks' gradients are averaged), plus the shift's
                 # own regulariser (PEGO's orthogonality loss; zero for most methods)
                 ce = F.cross_entropy(model(**inputs), labels, reduction="sum") * (dist.world / n_global)
-                loss = ce + regularization_loss(model)
+                loss = ce + regularization_loss(model) + hooks.extra_loss()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                hooks.after_backward()
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 opt.step()
                 sched.step()
+                hooks.after_step()
                 result.steps += 1
                 result.losses.append(_global_loss(loss.detach(), dist))
                 bar.update(1)

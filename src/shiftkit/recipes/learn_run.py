@@ -17,9 +17,16 @@ The config (read with ``yaml.safe_load``; an unknown key anywhere is a :class:`S
       lora_alpha: 16
       target_modules: [query, value]
     train: {epochs: 2, lr: 5.0e-4, batch_size: 16, seed: 0}    # fields of TrainConfig
+    prune: {estimate_steps: 16}    # optional, method lora only: Light-PEFT (fields of LightPEFTSettings)
     # under torchrun (torchrun --nproc_per_node 2 -m shiftkit learn cfg.yaml) train.parallel picks ddp
     # (default) or fsdp (FSDP2: the base is sharded over the processes); rank 0 writes the files
     output: runs/learn/tweets-lora # <output>/shift.safetensors and <output>/metrics.json
+
+With ``prune:`` the run is Light-PEFT's (:func:`shiftkit.recipes.light_peft.light_peft`): an estimation of
+``estimate_steps`` steps, the base pruned of heads and FFN neurons and the LoRA of modules and ranks, then
+the ``train:`` run on the smaller model. The base itself is not trained, so the smaller base is the original
+one with the units removed: the result's ``prune_plan`` (``<output>/prune.json``: the removed ``heads`` and
+``neurons`` per layer) rebuilds it with ``prune_(base, **plan)``, and the shift fits that model.
 
 The method block resolves through the registry (``get_method(name).config_cls``), never through an import
 path. When the model has a ``head`` module (a classifier), ``head`` is added to ``modules_to_save`` so it
@@ -41,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from shiftkit.core.registry import load_plugins
 from shiftkit.errors import ShiftkitError
 from shiftkit.recipes.learn import TrainConfig
+from shiftkit.recipes.light_peft import LightPEFTSettings
 
 if TYPE_CHECKING:
     from shiftkit.core.config import ShiftConfig
@@ -60,7 +68,7 @@ __all__ = [
 ]
 
 FULL, PROBE = "full", "probe"
-_TOP = ("plugins", "model", "data", "method", "train", "output")
+_TOP = ("plugins", "model", "data", "method", "train", "prune", "output")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +93,7 @@ class RunConfig:
     method: str = "lora"
     method_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prune: LightPEFTSettings | None = None
     output: str | None = None
 
 
@@ -163,6 +172,11 @@ def parse_run_config(raw: Any, source: str = "config") -> RunConfig:
     output = raw.get("output")
     if output is not None and not isinstance(output, str):
         raise ShiftkitError(f"{source}: output must be a folder path, got {output!r}")
+    prune = None
+    if "prune" in raw:
+        if method_raw["name"] != "lora":
+            raise ShiftkitError(f"{source}: prune (Light-PEFT) needs method lora, not {method_raw['name']!r}")
+        prune = _block(raw["prune"], LightPEFTSettings, f"{source}: prune")
     try:
         cfg = RunConfig(
             model=model,
@@ -170,6 +184,7 @@ def parse_run_config(raw: Any, source: str = "config") -> RunConfig:
             method=method_raw["name"],
             method_options=options,
             train=TrainConfig(**_block(raw.get("train"), TrainConfig, f"{source}: train")),
+            prune=None if prune is None else LightPEFTSettings(**prune),
             output=output,
         )
     except TypeError as err:
@@ -267,6 +282,8 @@ class LearnResult:
     shift: Shift
     metrics: dict[str, Any]
     is_main: bool = True  # under torchrun: whether this process writes the files (rank 0)
+    #: with ``prune:``, the units removed from the base: ``{"heads": {...}, "neurons": {...}}``
+    prune_plan: dict[str, Any] | None = None
 
 
 def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult:
@@ -285,6 +302,7 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
     from shiftkit import zoo
     from shiftkit.recipes.distributed import gather_full, init_from_env, reshard_, shard_
     from shiftkit.recipes.learn import accuracy, encode_texts, eval_batches, text_batches, train
+    from shiftkit.recipes.light_peft import light_peft
 
     d, tc = config.data, config.train
     if d.name != "vader":
@@ -315,7 +333,18 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     total = sum(p.numel() for p in model.parameters())
     torch.manual_seed(tc.seed)  # some shifts draw their initialisation (LoRA's A, SSF's γ/β)
-    if mcfg is not None:
+    dist = init_from_env()  # several processes under torchrun: DDP or FSDP2 (train.parallel)
+    found = None
+    if config.prune is not None and mcfg is not None:
+        if dist.active:
+            raise ShiftkitError("prune (Light-PEFT) runs in one process; launch it without torchrun")
+        from shiftkit.methods.lora.config import LoRAConfig
+
+        assert isinstance(mcfg, LoRAConfig)  # parse_run_config allows prune with lora only
+        batches = text_batches(train_data, tc.batch_size)
+        found = light_peft(model, mcfg, batches, config.prune, tc, progress=progress)  # attaches the LoRA
+        total = found.base_params[1]
+    elif mcfg is not None:
         sk.attach_(model, mcfg)
     else:
         for p in model.parameters():
@@ -323,7 +352,6 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
         if config.method == PROBE:
             for p in model.head.parameters():
                 p.requires_grad_(True)
-    dist = init_from_env()  # several processes under torchrun: DDP or FSDP2 (train.parallel)
     runner = shard_(model, tc.parallel, dist)  # FSDP2 replaces the parameters: collect them afterwards
     if mcfg is not None:
         params = sk.shift_parameters(model)
@@ -376,4 +404,16 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
         "processes": dist.world,
         "parallel": tc.parallel if dist.active else None,
     }
-    return LearnResult(shift, metrics, is_main=dist.is_main)
+    plan = None
+    if found is not None:
+        plan = {"heads": found.heads, "neurons": found.neurons}
+        metrics["prune"] = {
+            **dataclasses.asdict(config.prune or LightPEFTSettings()),
+            "heads_removed": sum(len(v) for v in found.heads.values()),
+            "neurons_removed": sum(len(v) for v in found.neurons.values()),
+            "lora_modules_removed": found.modules,
+            "lora_params": list(found.shift_params),
+            "base_params": list(found.base_params),
+            "estimate_seconds": found.estimate.seconds,
+        }
+    return LearnResult(shift, metrics, is_main=dist.is_main, prune_plan=plan)

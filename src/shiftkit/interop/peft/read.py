@@ -37,7 +37,7 @@ PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING"}
 # PEFT LoRA options that change what the adapter computes; shiftkit has no counterpart, so importing an
 # adapter that sets one would silently compute something else
 _LORA_UNSUPPORTED = (
-    "use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layer_replication",
+    "use_dora", "lora_bias", "fan_in_fan_out", "layer_replication",
     "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "use_qalora", "use_bdlora",
     "megatron_config", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
 )  # fmt: skip
@@ -314,6 +314,12 @@ def _lora_shift(
     modules: dict[str, nn.Module] | None,
 ) -> Shift:
     r = config.get("r", 8)
+    lora_cls: Any = get_method("lora").config_cls
+    # per-module ranks and alphas (PEFT matches the keys as regular expressions against its module names,
+    # which end the same way as shiftkit's)
+    patterns = lora_cls(
+        r=r, rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {}
+    )
     for fqn, parts in found.items():
         a = parts.get("lora_A", parts.get("embedding:lora_A"))
         b = parts.get("lora_B", parts.get("embedding:lora_B"))
@@ -325,19 +331,20 @@ def _lora_shift(
             kind, shape = nn.Linear, (b.shape[0], a.shape[1])
         elif a.dim() == 4:
             kind, shape = nn.Conv2d, (b.shape[0], *a.shape[1:])
-            _check_conv(fqn, a, b, r, modules)
+            _check_conv(fqn, a, b, patterns.rank_of(fqn), modules)
         else:
             raise ShiftkitError(
                 f"LoRA on {fqn!r}: lora_A has shape {tuple(a.shape)}; only Linear, Conv2d, Embedding"
             )
-        if a.shape[0] != r or b.shape[1] != r:
-            raise ShiftkitError(f"LoRA on {fqn!r} has rank {a.shape[0]}, the config says r={r}")
+        if a.shape[0] != patterns.rank_of(fqn) or b.shape[1] != patterns.rank_of(fqn):
+            raise ShiftkitError(
+                f"LoRA on {fqn!r} has rank {a.shape[0]}, the config says r={patterns.rank_of(fqn)}"
+            )
         own = _shape_of(modules, fqn, kind)
         if own is not None and own != shape:
             raise ShiftMismatchError(f"LoRA on {fqn!r} is for shape {shape}, the model's is {own}")
         out[f"{fqn}.lora_A"], out[f"{fqn}.lora_B"], base[fqn] = a, b, shape
     init = config.get("init_lora_weights", True)
-    lora_cls: Any = get_method("lora").config_cls
     lora = lora_cls(
         r=r,
         lora_alpha=float(config.get("lora_alpha", 8)),
@@ -347,6 +354,8 @@ def _lora_shift(
         init_lora_weights=init if init in (True, False, "gaussian") else True,
         target_modules=tuple(found),
         modules_to_save=tuple(k for k in base if k not in found),
+        rank_pattern=patterns.rank_pattern,
+        alpha_pattern=patterns.alpha_pattern,
     )
     return Shift("lora", lora, out, base)
 

@@ -170,9 +170,16 @@ def _export_lora(
             out[f"base_model.model.{name}.lora_A.weight"] = a
             out[f"base_model.model.{name}.lora_B.weight"] = b
     alpha = config.lora_alpha
+    # per-module ranks / alphas as exact PEFT module names (PEFT reads the keys as name-suffix patterns)
+    ranks = {_peft_name(f, prefix): config.rank_of(f) for f in by_module if config.rank_of(f) != config.r}
+    alphas = {
+        _peft_name(f, prefix): _number(config.alpha_of(f))
+        for f in by_module
+        if config.alpha_of(f) != config.lora_alpha
+    }
     return {
         "r": config.r,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_alpha": _number(alpha),
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
         "init_lora_weights": config.init_lora_weights,
@@ -181,13 +188,18 @@ def _export_lora(
         "fan_in_fan_out": False,
         "use_dora": False,
         "lora_bias": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
         "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "layer_replication": None,
     }
+
+
+def _number(x: float) -> float:
+    """An integral float as an int (PEFT's configs write ``16``, not ``16.0``)."""
+    return int(x) if float(x).is_integer() else x
 
 
 def _feedforward(fqn: str, scale: Tensor, base: tuple[int, ...], config: Any) -> bool:

@@ -44,6 +44,7 @@ from shiftkit.merging.routing.routed_modules import (
     RoutingContext,
 )
 from shiftkit.merging.routing.routers import Router
+from shiftkit.methods.lora.config import LoRAConfig
 
 __all__ = [
     "attach_router_",
@@ -120,7 +121,9 @@ def _build(
     if spec.name == "lora":
         if not isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding):
             raise ShiftkitError(f"routed LoRA cannot wrap {fqn!r} ({type(module).__name__})")
-        scalings = [float(getattr(s.config, "scaling", 1.0)) for s in pool.shifts()]
+        scalings = [
+            s.config.scaling_of(fqn) if isinstance(s.config, LoRAConfig) else 1.0 for s in pool.shifts()
+        ]
         return RoutedLoRA(module, ctx, [(m["lora_A"], m["lora_B"]) for m in roles], scalings)
     return RoutedSSF(module, ctx, [m["scale"] for m in roles], [m["shift"] for m in roles])
 

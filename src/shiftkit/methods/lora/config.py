@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from shiftkit.core.config import ShiftConfig
+from shiftkit.core.config import FrozenMap, ShiftConfig
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["LoRAConfig"]
+__all__ = ["LoRAConfig", "module_patterns"]
 
 _INITS = (True, False, "gaussian")
 
@@ -27,6 +29,10 @@ class LoRAConfig(ShiftConfig):
         init_lora_weights: ``True`` = PEFT's init (Kaiming-uniform A, zero B: exact no-op at start);
             ``"gaussian"`` = A ~ N(0, 1/r²) as in the LoRA paper, B zero; ``False`` = B random too (the
             shift is non-zero from the start; for tests).
+        rank_pattern: per-module ranks, as in PEFT: ``{key: r}`` where a module whose name matches the
+            regular expression ``(.*\\.)?key$`` gets rank ``r`` (the first matching key, in order); others
+            get ``r``. Light-PEFT's rank pruning and ``shiftkit extract-lora --energy`` write one.
+        alpha_pattern: per-module ``lora_alpha``, with the same matching.
     """
 
     r: int = 8
@@ -34,9 +40,29 @@ class LoRAConfig(ShiftConfig):
     lora_dropout: float = 0.0
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    rank_pattern: Mapping[str, int] = field(default_factory=FrozenMap)
+    alpha_pattern: Mapping[str, float] = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name, kind in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise ShiftkitError(
+                    f"LoRAConfig.{name} must map module-name patterns to numbers, got {value!r}"
+                )
+            for k, v in value.items():
+                ok = isinstance(v, int) and v >= 1 if kind == "rank" else isinstance(v, int | float)
+                if isinstance(v, bool) or not ok:
+                    raise ShiftkitError(f"LoRAConfig.{name}[{k!r}] must be a {kind}, got {v!r}")
+                try:
+                    re.compile(k)
+                except re.error as err:
+                    raise ShiftkitError(
+                        f"LoRAConfig.{name} key {k!r} is not a regular expression: {err}"
+                    ) from None
+            frozen = FrozenMap({k: float(v) if kind == "alpha" else v for k, v in value.items()})
+            object.__setattr__(self, name, frozen)
         if not isinstance(self.r, int) or self.r < 1:
             raise ShiftkitError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float):
@@ -48,5 +74,58 @@ class LoRAConfig(ShiftConfig):
 
     @property
     def scaling(self) -> float:
-        """``α/r``, or ``α/√r`` with rsLoRA."""
+        """``α/r``, or ``α/√r`` with rsLoRA (of the modules no pattern names; see :meth:`scaling_of`)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_of(self, fqn: str) -> int:
+        """The rank of module ``fqn``: its ``rank_pattern`` entry (PEFT's matching), else ``r``."""
+        return int(_lookup(self.rank_pattern, fqn, self.r))
+
+    def alpha_of(self, fqn: str) -> float:
+        """The ``lora_alpha`` of module ``fqn``: its ``alpha_pattern`` entry, else ``lora_alpha``."""
+        return float(_lookup(self.alpha_pattern, fqn, self.lora_alpha))
+
+    def scaling_of(self, fqn: str) -> float:
+        """The scaling of module ``fqn``'s update, with its own rank and α."""
+        r = self.rank_of(fqn)
+        return self.alpha_of(fqn) / (math.sqrt(r) if self.use_rslora else r)
+
+    def for_module(self, fqn: str) -> LoRAConfig:
+        """The plain config module ``fqn`` is wrapped with (its rank and α, no patterns)."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        return LoRAConfig(
+            r=self.rank_of(fqn),
+            lora_alpha=self.alpha_of(fqn),
+            lora_dropout=self.lora_dropout,
+            use_rslora=self.use_rslora,
+            init_lora_weights=self.init_lora_weights,
+        )
+
+
+def _lookup(pattern: Mapping[str, float], fqn: str, default: float) -> float:
+    """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", fqn)``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", fqn):
+            return value
+    return default
+
+
+def module_patterns(values: Mapping[str, float], default: float) -> dict[str, float]:
+    """A ``rank_pattern`` giving each module of ``values`` its value, others ``default``.
+
+    Keys are the module names (what PEFT and mergekit write), longest first, so that a name that ends
+    another one's (``fc`` and ``block.fc``) cannot take its value; a module with the default value that a
+    shorter key would still match gets its own entry.
+
+    Example:
+        >>> module_patterns({"a.q": 4, "a.v": 8}, 8)
+        {'a.q': 4}
+    """
+    chosen = {k: v for k, v in values.items() if v != default}
+    while True:
+        ordered = dict(sorted(chosen.items(), key=lambda kv: (-len(kv[0]), kv[0])))
+        wrong = [k for k, v in values.items() if _lookup(ordered, k, default) != v]
+        if not wrong:
+            return ordered
+        chosen.update({k: values[k] for k in wrong})

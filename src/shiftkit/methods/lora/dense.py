@@ -97,9 +97,10 @@ def lora_kind(shift: Shift, fqn: str, *, model: nn.Module | None = None) -> str:
     if fqn not in adapted_modules(shift):
         raise ShiftMismatchError(f"the LoRA shift does not adapt module {fqn!r}")
     a, b, shape = shift.tensors[f"{fqn}.lora_A"], shift.tensors[f"{fqn}.lora_B"], tuple(shift.base[fqn])
-    if a.shape[0] != config.r or b.shape[1] != config.r:
+    r = config.rank_of(fqn)
+    if a.shape[0] != r or b.shape[1] != r:
         raise ShiftMismatchError(
-            f"LoRA on {fqn!r} has rank {a.shape[0]}/{b.shape[1]} (A/B) but the config says r={config.r}"
+            f"LoRA on {fqn!r} has rank {a.shape[0]}/{b.shape[1]} (A/B) but the config says r={r}"
         )
     if a.dim() == 4 and b.dim() == 4 and shape == (b.shape[0], *a.shape[1:]):
         return "conv"
@@ -152,8 +153,8 @@ def lora_delta(shift: Shift, param_name: str, *, model: nn.Module | None = None)
     a = shift.tensors[f"{fqn}.lora_A"].detach().to(torch.float32)
     b = shift.tensors[f"{fqn}.lora_B"].detach().to(torch.float32)
     if kind == "conv":
-        return skf.lora_conv_delta(a, b, config.scaling)
-    delta = skf.lora_delta(a, b, config.scaling)
+        return skf.lora_conv_delta(a, b, config.scaling_of(fqn))
+    delta = skf.lora_delta(a, b, config.scaling_of(fqn))
     return delta.T.contiguous() if kind == "embedding" else delta
 
 
