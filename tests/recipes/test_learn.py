@@ -239,7 +239,7 @@ def test_hooks_run_in_order_and_max_steps_stops_the_run() -> None:
         def on_batch(self, inputs: Any) -> None:
             events.append(f"batch:{sorted(inputs)}")
 
-        def extra_loss(self) -> Tensor:
+        def extra_loss(self, logits: Tensor) -> Tensor:
             events.append("loss")
             return 1e3 * model.bias.square().sum()  # a term the step must see
 

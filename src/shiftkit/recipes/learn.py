@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from shiftkit.core.attach import regularization_loss
+from shiftkit.core.training import TrainHooks
 from shiftkit.errors import ShiftkitError
 from shiftkit.recipes.distributed import PARALLEL, Dist, local_rows
 
@@ -105,27 +106,6 @@ class TrainConfig:
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
             raise ShiftkitError(f"invalid TrainConfig: {', '.join(bad)}")
-
-
-class TrainHooks:
-    """Extension points of :func:`train`; subclass and override what you need (each default does nothing).
-
-    Light-PEFT's estimation run (:mod:`shiftkit.recipes.light_peft`) uses them to add the masks' L1 term and
-    to record importance scores after each backward.
-    """
-
-    def on_batch(self, inputs: Mapping[str, Tensor]) -> None:
-        """Called with the model inputs of each batch (labels removed) before the forward."""
-
-    def extra_loss(self) -> Tensor | float:
-        """A term added to the step's loss after the forward (``0.0`` by default)."""
-        return 0.0
-
-    def after_backward(self) -> None:
-        """Called after the backward, while the gradients are there (before clipping and the step)."""
-
-    def after_step(self) -> None:
-        """Called after the optimiser step."""
 
 
 @dataclass
@@ -426,8 +406,9 @@ def train(
                 hooks.on_batch(inputs)
                 # this rank's share of the global mean (the ranks' gradients are averaged), plus the shift's
                 # own regulariser (PEGO's orthogonality loss; zero for most methods)
-                ce = F.cross_entropy(model(**inputs), labels, reduction="sum") * (dist.world / n_global)
-                loss = ce + regularization_loss(model) + hooks.extra_loss()
+                logits = model(**inputs)
+                ce = F.cross_entropy(logits, labels, reduction="sum") * (dist.world / n_global)
+                loss = ce + regularization_loss(model) + hooks.extra_loss(logits)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 hooks.after_backward()

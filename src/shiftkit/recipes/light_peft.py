@@ -108,7 +108,7 @@ class _Estimation(TrainHooks):
     def on_batch(self, inputs: Mapping[str, Tensor]) -> None:
         self.importance.token_mask = inputs.get("attention_mask")
 
-    def extra_loss(self) -> Tensor | float:
+    def extra_loss(self, logits: Tensor) -> Tensor | float:
         return self.l1 * self.masks.l1() if self.l1 else 0.0
 
     def after_backward(self) -> None:
