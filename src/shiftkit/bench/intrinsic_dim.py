@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
-import json
 import math
 import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 __all__ = ["SIZES", "IntrinsicDimSettings", "add_arguments", "render_html", "run", "run_suite", "table_rows"]
@@ -334,8 +332,7 @@ def run(args: argparse.Namespace) -> int:
         >>> run(parser.parse_args(["--quick"]))  # doctest: +SKIP
         0
     """
-    from shiftkit._fileio import atomic_write_text
-    from shiftkit.bench.report import format_table
+    from shiftkit.bench.report import format_table, write_suite_outputs
 
     payload = run_suite(
         _settings(args),
@@ -345,12 +342,5 @@ def run(args: argparse.Namespace) -> int:
     rows, columns = table_rows(payload)
     print(format_table(rows, columns))
     print(summary(payload))
-    out = Path(args.out)
-    text = json.dumps(payload, indent=2, default=str) + "\n"
-    atomic_write_text(out / "results.json", text)
-    atomic_write_text(out / "report.html", render_html(payload))
-    print(f"finished in {payload['timings']['total_seconds']:.0f} s; report: {out / 'report.html'}")
-    if args.json:
-        atomic_write_text(args.json, text)
-        print(f"wrote {args.json}")
+    write_suite_outputs(args.out, payload, render_html(payload), args.json)
     return 0

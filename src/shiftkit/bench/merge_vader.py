@@ -118,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
         >>> run(parser.parse_args(["--quick"]))  # doctest: +SKIP
         0
     """
-    from shiftkit._fileio import atomic_write_text
-    from shiftkit.bench.report import format_table
+    from shiftkit.bench.report import format_table, write_suite_outputs
     from shiftkit.zoo import cache_dir
 
     size = "quick" if args.quick else "full" if args.full else "default"
@@ -145,14 +144,7 @@ def run(args: argparse.Namespace) -> int:
     for s in payload["skipped"]:
         print(f"  skipped {s['row']}: {s['reason']}")
     print(f"\n{payload['verdict']}")
-    out = Path(args.out)
-    text = json.dumps(payload, indent=2, default=str) + "\n"
-    atomic_write_text(out / "results.json", text)
-    atomic_write_text(out / "report.html", render_html(payload))
-    print(f"finished in {payload['timings']['total_seconds']:.0f} s; report: {out / 'report.html'}")
-    if args.json:
-        atomic_write_text(args.json, text)
-        print(f"wrote {args.json}")
+    write_suite_outputs(args.out, payload, render_html(payload), args.json)
     return 0
 
 

@@ -50,6 +50,21 @@ PALETTE: tuple[str, ...] = (
 )
 
 
+def write_suite_outputs(
+    out: str | os.PathLike[str], payload: dict[str, Any], report_html: str, json_path: str | None = None
+) -> None:
+    """Write a suite's ``results.json`` and ``report.html`` into ``out`` (atomically), and the JSON again to
+    ``json_path`` when given; print where they went and the run's total time."""
+    folder = Path(out)
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    atomic_write_text(folder / "results.json", text)
+    atomic_write_text(folder / "report.html", report_html)
+    print(f"finished in {payload['timings']['total_seconds']:.0f} s; report: {folder / 'report.html'}")
+    if json_path:
+        atomic_write_text(json_path, text)
+        print(f"wrote {json_path}")
+
+
 def human_count(n: float) -> str:
     """``22566146 -> '22.6M'``, ``74498 -> '74.5k'``."""
     for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):

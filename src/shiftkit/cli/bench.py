@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "merge-vader": "shiftkit.bench.merge_vader",
     "compress-vader": "shiftkit.bench.compress_vader",
     "tta-fmnist-c": "shiftkit.bench.tta_fmnist_c",
+    "continual-text": "shiftkit.bench.continual_text",
 }
 
 #: one line per suite for ``--help`` and ``list`` (kept here so listing imports nothing)
@@ -32,6 +33,7 @@ SUMMARIES: dict[str, str] = {
     "merge-vader": "per-domain MiniLM task vectors (full, LoRA) merged by every method, and routed",
     "compress-vader": "merge-vader's task vectors and LoRAs compressed (ComPEFT, BCQ): bytes vs accuracy",
     "tta-fmnist-c": "test-time adaptation: Fashion-MNIST-C (15 corruptions) and MNIST -> digits, error %",
+    "continual-text": "six text tasks in sequence: what continual strategies keep of MiniLM's zero-shot",
 }
 
 DESCRIPTION = (

