@@ -241,3 +241,20 @@ def test_recipe_estimates_prunes_and_the_small_model_trains() -> None:
         light_peft(model, lora, batches, settings)
     with pytest.raises(ShiftkitError, match="estimate_steps"):
         LightPEFTSettings(estimate_steps=1)
+
+
+def test_estimation_runs_its_steps_over_epochs_and_refuses_gqa_heads_up_front() -> None:
+    ids, labels = _data(32)
+    batches = torch.utils.data.DataLoader(_Dict(ids, labels), batch_size=16)  # 2 batches per epoch
+    res = light_peft(_Classifier(), LORA, batches, LightPEFTSettings(estimate_steps=5), progress=False)
+    assert res.estimate.steps == 5  # 3 epochs of 2 batches, stopped at 5
+    from tiny_models import make
+
+    llama, _ = make("tiny_llama")
+    assert llama.hf.config.num_key_value_heads < llama.hf.config.num_attention_heads  # grouped-query
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    with pytest.raises(ShiftkitError, match="head_ratio=0"):
+        light_peft(
+            llama, sk.LoRAConfig(target_modules=["q_proj"]), batches, LightPEFTSettings(estimate_steps=2)
+        )
+    assert all(torch.equal(v, before[k]) for k, v in llama.state_dict().items())  # untouched

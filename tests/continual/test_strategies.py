@@ -109,15 +109,21 @@ def test_runner_fills_the_matrix_and_learning_helps() -> None:
     assert len(res.train_seconds) == 3
 
 
-class _Stop(continual.Strategy):
-    def begin_task(self, ctx: TaskContext) -> None:
-        if ctx.index == 2:
-            raise KeyboardInterrupt
-
-
 def test_runner_resumes_after_an_interruption(tmp_path: Path) -> None:
+    calls = []
+
+    def stop_at_task_2(model: nn.Module, index: int) -> None:
+        calls.append(index)
+        # set_task calls: zero-shot 0 1 2, then per task t: t and the evaluation 0 1 2; the 12th starts task 2
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        ZS.set_task_of(model, index)
+
+    model, tasks = _setup()
     with pytest.raises(KeyboardInterrupt):
-        _run(_Stop(), checkpoint_dir=tmp_path)
+        run_sequence(model, tasks, continual.make("finetune"), TC, set_task=stop_at_task_2,
+                     checkpoint_dir=tmp_path, progress=False)  # fmt: skip
+    assert calls[-1] == 2 and len(calls) == 12
     first, model_a = _run(continual.make("finetune"), checkpoint_dir=tmp_path / "whole")
     resumed, model_b = _run(continual.make("finetune"), checkpoint_dir=tmp_path)
     assert resumed.resumed_tasks == 2 and len(resumed.accuracy) == 3
@@ -125,6 +131,8 @@ def test_runner_resumes_after_an_interruption(tmp_path: Path) -> None:
     assert resumed.accuracy[2] == pytest.approx(first.accuracy[2])  # the same training continued
     for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+    with pytest.raises(ShiftkitError, match="another run"):
+        _run(continual.make("lwf"), checkpoint_dir=tmp_path)
 
 
 def test_lwf_distils_towards_the_task_start_model() -> None:

@@ -115,3 +115,45 @@ def test_bad_patterns_are_named(field: str, value: object, match: str) -> None:
 def test_rslora_uses_each_modules_rank() -> None:
     cfg = sk.LoRAConfig(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"q": 16})
     assert cfg.scaling_of("a.q") == 8 / math.sqrt(16) and cfg.scaling_of("a.v") == 8 / 2
+
+
+class _Clash(nn.Module):
+    """Two Linears whose names end alike: ``fc`` and ``block.fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 4)
+        self.block = nn.Sequential()
+        self.block.add_module("fc", nn.Linear(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.fc(self.fc(x))
+
+
+def test_peft_files_keep_ranks_of_names_that_end_alike(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    cfg = sk.LoRAConfig(
+        r=8, lora_alpha=8, target_modules=["fc"], rank_pattern={"^fc$": 2}, alpha_pattern={"^fc$": 6},
+        init_lora_weights=False,
+    )  # fmt: skip
+    model = _Clash()
+    base = copy.deepcopy(model)
+    sk.attach_(model, cfg)
+    assert model.fc.lora_A.shape[0] == 2 and model.block.fc.lora_A.shape[0] == 8
+    sk.export_peft(model, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x))
+    back = sk.import_peft(tmp_path / "a")
+    assert isinstance(back.config, sk.LoRAConfig)
+    assert back.config.rank_of("fc") == 2 and back.config.rank_of("block.fc") == 8
+    assert back.config.scaling_of("fc") == 3.0 and back.config.scaling_of("block.fc") == 1.0
+
+
+def test_pattern_order_is_part_of_the_config() -> None:
+    a = sk.LoRAConfig(rank_pattern={"fc": 4, "block.fc": 8})
+    b = sk.LoRAConfig(rank_pattern={"block.fc": 8, "fc": 4})
+    assert a.rank_of("block.fc") == 4 and b.rank_of("block.fc") == 8  # the first matching key wins
+    assert a != b

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import html
 import json
 import sys
@@ -227,12 +228,18 @@ def run_suite(
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     results: dict[str, Any] = {}
     for name in methods:
+        strategy_name, options, shift = METHODS[name]
+        # what a kept result must have been run with (another size or seed is run again)
+        fingerprint = {"settings": settings, "strategy": strategy_name, "options": options, "shift": shift,
+                       "lr": LR.get(shift), "tasks": list(TASKS)}  # fmt: skip
+        tag = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:10]
         done = out / "methods" / f"{name}.json"
         if done.is_file():
-            results[name] = json.loads(done.read_text())
-            log(f"{name}: finished in an earlier run (kept)")
-            continue
-        strategy_name, options, shift = METHODS[name]
+            kept = json.loads(done.read_text())
+            if kept.get("fingerprint") == fingerprint:
+                results[name] = kept
+                log(f"{name}: finished in an earlier run (kept)")
+                continue
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         with RssPeak() as meter:
@@ -256,14 +263,14 @@ def run_suite(
                 res = run_sequence(
                     model, tasks, continual.make(strategy_name, **options), tc, set_task=zs.set_task_of,
                     features=zs.features_of, reference=ref, initial=base,
-                    checkpoint_dir=out / "checkpoints" / name, progress=progress,
+                    checkpoint_dir=out / "checkpoints" / f"{name}-{tag}", progress=progress,
                 )  # fmt: skip
                 res_d = {
                     "accuracy": res.accuracy, "zero_shot": res.zero_shot, "metrics": res.metrics,
                     "train_seconds": res.train_seconds, "resumed_tasks": res.resumed_tasks,
                 }  # fmt: skip
         res_d.update(
-            method=name, strategy=strategy_name, options=options, shift=shift,
+            method=name, strategy=strategy_name, options=options, shift=shift, fingerprint=fingerprint,
             seconds=time.perf_counter() - t0, peak_rss_mb=meter.peak_mb,
         )  # fmt: skip
         m = res_d["metrics"]

@@ -77,16 +77,26 @@ class LoRAImportance:
         self._ratio: dict[str, list[Tensor]] = {fqn: [] for fqn in self.modules}
         self._pending: dict[str, list[Tensor]] = {fqn: [] for fqn in self.modules}
         self._rank: dict[str, list[Tensor]] = {fqn: [] for fqn in self.modules}
-        self._handles = [w.register_forward_hook(self._hook(fqn)) for fqn, w in self.modules.items()]
+        self._base_out: dict[str, Tensor] = {}
+        self._handles = []
+        for fqn, w in self.modules.items():
+            self._handles.append(w.base.register_forward_hook(self._base_hook(fqn)))
+            self._handles.append(w.register_forward_hook(self._hook(fqn)))
+
+    def _base_hook(self, fqn: str) -> Any:
+        def hook(_m: nn.Module, _args: tuple[Any, ...], out: Tensor) -> None:
+            self._base_out[fqn] = out.detach()
+
+        return hook
 
     def _hook(self, fqn: str) -> Any:
         def hook(module: LoRALinear, args: tuple[Any, ...], out: Tensor) -> None:
-            if not (module.training and torch.is_grad_enabled()):
+            h = self._base_out.pop(fqn, None)
+            if h is None or not (module.training and torch.is_grad_enabled()):
                 return
             with torch.no_grad():
-                x = args[0].to(module.lora_A.dtype)
-                delta = (x @ module.lora_A.T) @ (module.lora_B * module.scaling).T
-                ratio = delta.norm(dim=-1) / ((out - delta).norm(dim=-1) + 1e-12)  # (..., tokens)
+                delta = out.detach() - h  # the branch that ran (its dropout included)
+                ratio = delta.norm(dim=-1) / (h.norm(dim=-1) + 1e-12)  # (..., tokens)
                 mask = self.token_mask
                 if mask is not None and tuple(mask.shape) == tuple(ratio.shape):
                     keep = mask.to(ratio.device).bool()

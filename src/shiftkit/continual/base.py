@@ -157,6 +157,10 @@ class Strategy(TrainHooks):
         """Record what the strategy keeps of a finished task (a replay memory); called after
         :meth:`end_task`, and for finished tasks when a run resumes."""
 
+    def reset(self) -> None:
+        """Forget everything from an earlier run (memories, counters, random state); called when a run
+        starts from its first task, so one strategy object can run several sequences."""
+
 
 def check_positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> None:
     """A clear error for a bad numeric option."""

@@ -75,6 +75,7 @@ def partial_finetune(
     """``steps`` AdamW steps on ``params`` only, on batches drawn from ``memory`` (each example under its
     own task's labels); every other parameter keeps its ``requires_grad`` and is left unchanged."""
     model = ctx.model
+    device = next(iter(params.values())).device
     flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -88,7 +89,7 @@ def partial_finetune(
             loss: torch.Tensor | float = 0.0
             for task, batch in memory.sample(batch_size, generator):
                 ctx.set_task(model, task)
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
                 out = model(**inputs)
                 loss = loss + F.cross_entropy(out, batch["labels"].to(out.device), reduction="sum")
             if not isinstance(loss, torch.Tensor):
@@ -136,7 +137,8 @@ class FPF(Strategy):
         check_positive("fpf batch_size", batch_size, integer=True)
         self.memory = Memory(memory)
         self.steps, self.lr, self.batch_size = steps, float(lr), batch_size
-        self.modules = tuple(modules)
+        self.modules = (modules,) if isinstance(modules, str) else tuple(modules)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def end_task(self, ctx: TaskContext) -> None:
@@ -151,6 +153,11 @@ class FPF(Strategy):
             ctx, self.memory, params, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
             generator=self.generator,
         )  # fmt: skip
+
+    def reset(self) -> None:
+        """An empty memory and the generator back at its seed."""
+        self.memory.items.clear()
+        self.generator.manual_seed(self.seed)
 
     def remember(self, ctx: TaskContext) -> None:
         """Keep the task's first ``memory`` training examples (idempotent: keyed by the task)."""

@@ -35,6 +35,11 @@ class KFPF(FPF):
         self.global_step = 0
         self.rounds = 0
 
+    def reset(self) -> None:
+        """An empty memory, the generator at its seed, the step and round counters at 0."""
+        super().reset()
+        self.global_step = self.rounds = 0
+
     def begin_task(self, ctx: TaskContext) -> None:
         """The current task's examples join the memory from the start (the stream's buffer)."""
         super().begin_task(ctx)

@@ -34,6 +34,7 @@ class Replay(Strategy):
         check_positive("replay weight", weight, allow_zero=True)
         self.memory = Memory(memory)
         self.batch_size, self.weight = batch_size, float(weight)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def extra_loss(self, logits: Tensor) -> Tensor | float:
@@ -51,6 +52,11 @@ class Replay(Strategy):
         finally:
             ctx.set_task(ctx.model, ctx.index)
         return self.weight * total / self.batch_size
+
+    def reset(self) -> None:
+        """An empty memory and the generator back at its seed."""
+        self.memory.items.clear()
+        self.generator.manual_seed(self.seed)
 
     def remember(self, ctx: TaskContext) -> None:
         """Keep the finished task's first ``memory`` training examples."""

@@ -56,7 +56,8 @@ class FrozenMap(Mapping[str, V]):
         return hash(self._items)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mapping) and dict(self._items) == dict(other.items())
+        # order-sensitive: PEFT's look-up takes the first matching key, so the order is part of the meaning
+        return isinstance(other, Mapping) and self._items == tuple(other.items())
 
     def __repr__(self) -> str:
         return repr(dict(self._items))

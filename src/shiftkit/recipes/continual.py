@@ -7,8 +7,10 @@ trains with :func:`~shiftkit.recipes.learn.train` and the strategy's hooks, lets
 :func:`shiftkit.continual.mtil_metrics` of ``A`` against the zero-shot row.
 
 With ``checkpoint_dir`` the run is resumable: after each task the trained parameters (the shift's, or the
-whole model's) and the rows so far are written atomically, and a re-run with the same arguments skips the
-finished tasks (the strategy's memory is rebuilt from their training batches).
+whole model's), the buffers and the rows so far are written as one atomic file, and a re-run with the same
+tasks, strategy and settings skips the finished tasks (the strategy's memory is rebuilt from their training
+batches; random draws after the restart differ from an uninterrupted run's, so a resumed run is equivalent,
+not bit-identical). A folder holding another run is refused.
 
 :class:`ZeroShotTextClassifier` is the model the text suites use: a sentence encoder that classifies by the
 cosine similarity of a sentence to each of the task's label descriptions ("This review is positive."), the
@@ -134,8 +136,10 @@ class ZeroShotTextClassifier(nn.Module):
     @staticmethod
     def features_of(model: nn.Module, batch: Batch) -> Tensor:
         """``features`` for :func:`run_sequence`: the sentence features of a batch."""
-        assert isinstance(model, ZeroShotTextClassifier)
-        return model.embed(batch["input_ids"], batch["attention_mask"])
+        if not isinstance(model, ZeroShotTextClassifier):
+            raise ShiftkitError(f"features_of expects a ZeroShotTextClassifier, got {type(model).__name__}")
+        dev = next(model.parameters()).device
+        return model.embed(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
 
 
 def _evaluate(
@@ -148,49 +152,49 @@ def _evaluate(
     return row
 
 
-def _save(
-    path: Path,
-    model: nn.Module,
-    names: list[str],
-    rows: list[list[float]],
-    zero_shot: list[float],
-    seconds: list[float],
-) -> None:
+def _save(path: Path, model: nn.Module, state: dict[str, Any]) -> None:
+    """One atomic file: the trained parameters, the model's buffers (BatchNorm statistics) and the run's
+    progress in its metadata; ``progress.json`` beside it is a readable copy."""
     from shiftkit._fileio import atomic_write_text
     from shiftkit.core.io import atomic_save_tensors
 
-    path.mkdir(parents=True, exist_ok=True)
-    params = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model).items()}
-    atomic_save_tensors(params, path / "latest.safetensors", {"tasks_done": str(len(rows))})
-    state = {
-        "names": names,
-        "tasks_done": len(rows),
-        "accuracy": rows,
-        "zero_shot": zero_shot,
-        "train_seconds": seconds,
-    }
-    atomic_write_text(path / "progress.json", json.dumps(state) + "\n")
+    tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in trainable_parameters(model).items()}
+    tensors.update({f"buffer.{n}": b.detach().contiguous().cpu() for n, b in model.named_buffers()})
+    text = json.dumps(state)
+    atomic_save_tensors(tensors, path / "latest.safetensors", {"progress": text})
+    atomic_write_text(path / "progress.json", text + "\n")
 
 
-def _resume(
-    path: Path, model: nn.Module, names: list[str]
-) -> tuple[list[list[float]], list[float], list[float]]:
+def _resume(path: Path, model: nn.Module, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The progress of the run checkpointed in ``path`` (its weights loaded into ``model``), or ``None``."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    progress = path / "progress.json"
-    if not progress.is_file() or not (path / "latest.safetensors").is_file():
-        return [], [], []
-    state = json.loads(progress.read_text())
-    if state.get("names") not in (None, names):
-        raise ShiftkitError(f"{path} holds a run of other tasks ({state.get('names')}); use another folder")
-    saved = load_file(str(path / "latest.safetensors"))
+    file = path / "latest.safetensors"
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        state = json.loads(meta["progress"])
+    except (KeyError, ValueError):
+        raise ShiftkitError(f"{file} is not a run_sequence checkpoint; use another folder") from None
+    if state.get("identity") != identity:
+        raise ShiftkitError(
+            f"{path} holds another run ({state.get('identity')}); use another checkpoint folder for this one"
+        )
+    saved = load_file(str(file))
     params = trainable_parameters(model)
-    if set(saved) != set(params):
-        raise ShiftkitError(f"{path}/latest.safetensors does not fit this model's trained parameters")
+    buffers = dict(model.named_buffers())
+    if {k[6:] for k in saved if k.startswith("param.")} != set(params):
+        raise ShiftkitError(f"{file} does not fit this model's trained parameters")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(saved[n])
-    return state["accuracy"], state["zero_shot"], state["train_seconds"]
+            p.copy_(saved[f"param.{n}"])
+        for n, b in buffers.items():
+            if f"buffer.{n}" in saved:
+                b.copy_(saved[f"buffer.{n}"])
+    return state
 
 
 def run_sequence(
@@ -234,10 +238,14 @@ def run_sequence(
         initial = frozen_copy(model)
     start = time.perf_counter()
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    rows, zero_shot, seconds = _resume(ckpt, model, names) if ckpt is not None else ([], [], [])
+    identity = {"tasks": names, "strategy": type(strategy).__name__, "train": repr(train_config)}
+    state = _resume(ckpt, model, identity) if ckpt is not None else None
+    rows: list[list[float]] = state["accuracy"] if state else []
+    seconds: list[float] = state["train_seconds"] if state else []
     done = len(rows)
-    if not zero_shot:
-        zero_shot = _evaluate(model, tasks, set_task) if done == 0 else []
+    zero_shot: list[float] = state["zero_shot"] if state else _evaluate(model, tasks, set_task)
+    if done == 0:
+        strategy.reset()
     params = list(trainable_parameters(model).values())
     for t, task in enumerate(tasks):
         set_task(model, t)
@@ -257,7 +265,13 @@ def run_sequence(
         seconds.append(res.seconds)
         rows.append(_evaluate(model, tasks, set_task))
         if ckpt is not None:
-            _save(ckpt, model, names, rows, zero_shot, seconds)
+            progress_state = {
+                "identity": identity,
+                "accuracy": rows,
+                "zero_shot": zero_shot,
+                "train_seconds": seconds,
+            }
+            _save(ckpt, model, progress_state)
     set_task(model, len(tasks) - 1)
     return ContinualResult(
         names=names,
@@ -273,4 +287,4 @@ def run_sequence(
 def _strategy_names(strategy: Strategy) -> list[str]:
     from shiftkit.continual import CONTINUAL_METHODS
 
-    return [name for name, spec in CONTINUAL_METHODS.items() if type(strategy) is spec.cls]
+    return [name for name, spec in CONTINUAL_METHODS.items() if isinstance(strategy, spec.cls)]

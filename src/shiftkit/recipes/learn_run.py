@@ -415,5 +415,6 @@ def run_learn(config: RunConfig, *, progress: bool | None = None) -> LearnResult
             "lora_params": list(found.shift_params),
             "base_params": list(found.base_params),
             "estimate_seconds": found.estimate.seconds,
+            "estimate_steps_run": found.estimate.steps,
         }
     return LearnResult(shift, metrics, is_main=dist.is_main, prune_plan=plan)

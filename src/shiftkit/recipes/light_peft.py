@@ -115,6 +115,11 @@ class _Estimation(TrainHooks):
         self.importance.step()
 
 
+def _width(model: nn.Module, name: str) -> int:
+    m = model.get_submodule(name)
+    return int(getattr(m, "out_features", 0))
+
+
 def _factor_params(shift: Shift) -> int:
     return sum(t.numel() for k, t in shift.tensors.items() if k.endswith((".lora_A", ".lora_B")))
 
@@ -146,13 +151,25 @@ def light_peft(
         The pruned model and what was removed.
 
     Raises:
-        ShiftkitError: a shift is already attached, the LoRA targets no Linear, or no transformer layer
-            is recognised.
+        ShiftkitError: a shift is already attached, the LoRA targets no Linear, no transformer layer is
+            recognised, or heads are to be pruned under grouped-query attention (checked before training).
     """
     settings = settings or LightPEFTSettings()
     if attached_method(model) is not None:
         raise ShiftkitError("light_peft wants a plain model; detach the attached shift first")
-    config = replace(train_config or TrainConfig(), max_steps=settings.estimate_steps)
+    layers = find_layers(model)
+    if settings.head_ratio > 0:
+        gqa = [ly.prefix for ly in layers if _width(model, ly.k) != _width(model, ly.q)]
+        if gqa:
+            raise ShiftkitError(
+                f"{gqa[0]}: grouped-query attention shares keys and values across heads, so heads cannot be "
+                "pruned; set head_ratio=0 (FFN neurons, LoRA modules and ranks are still pruned)"
+            )
+    if len(train_batches) == 0:
+        raise ShiftkitError("light_peft: the training set has no batches")
+    # the estimation runs exactly estimate_steps steps, over as many epochs as that takes
+    epochs = -(-settings.estimate_steps // len(train_batches))
+    config = replace(train_config or TrainConfig(), max_steps=settings.estimate_steps, epochs=epochs)
     base_before = sum(p.numel() for p in model.parameters())
     sk.attach_(model, lora)
     masks: PruneMasks | None = None
@@ -175,6 +192,9 @@ def light_peft(
         modules, ranks = select_lora(
             importance, module_ratio=settings.module_ratio, rank_ratio=settings.rank_ratio
         )
+    except BaseException:
+        sk.detach_(model)  # the model as it was given
+        raise
     finally:
         if masks is not None:
             masks.remove()
@@ -182,7 +202,6 @@ def light_peft(
             importance.remove()
     shift = sk.extract(model)
     sk.detach_(model)
-    layers = find_layers(model)
     prune_(model, heads, neurons)
     small = prune_lora(shift, modules=modules, ranks=ranks, layers=layers, heads=heads, neurons=neurons)
     sk.attach_(model, small)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from shiftkit.core.attach import module_shape
+from shiftkit.core.patterns import module_patterns
 from shiftkit.core.registry import get_method
 from shiftkit.core.shift import Shift
 from shiftkit.core.targets import find_input_embeddings, iter_base_modules
@@ -275,7 +276,7 @@ def _read_tuner(
         if {r.removeprefix("embedding:") for r in parts} != roles:
             raise CorruptFileError(f"{fqn!r} has adapter tensors {sorted(parts)}, expected {sorted(roles)}")
     if peft_type == "LORA":
-        return _lora_shift(config, found, out, base, modules)
+        return _lora_shift(config, found, out, base, modules, prefix)
     if modules is None:
         raise ShiftkitError(
             "importing an (IA)³ adapter needs model=...: the file does not hold the layer shapes"
@@ -312,14 +313,23 @@ def _lora_shift(
     out: dict[str, Tensor],
     base: dict[str, tuple[int, ...]],
     modules: dict[str, nn.Module] | None,
+    prefix: str,
 ) -> Shift:
     r = config.get("r", 8)
     lora_cls: Any = get_method("lora").config_cls
-    # per-module ranks and alphas (PEFT matches the keys as regular expressions against its module names,
-    # which end the same way as shiftkit's)
+    # per-module ranks and alphas: PEFT matches the keys (regular expressions) against its own module names,
+    # which are shiftkit's without the prefix; each module's values are resolved on that name and stored
+    # under shiftkit's names
+    alpha = float(config.get("lora_alpha", 8))
     patterns = lora_cls(
-        r=r, rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {}
+        r=r,
+        lora_alpha=alpha,
+        rank_pattern=config.get("rank_pattern") or {},
+        alpha_pattern=config.get("alpha_pattern") or {},
     )
+    peft_names = {fqn: fqn[len(prefix) + 1 :] if prefix else fqn for fqn in found}
+    ranks = {fqn: patterns.rank_of(name) for fqn, name in peft_names.items()}
+    alphas = {fqn: patterns.alpha_of(name) for fqn, name in peft_names.items()}
     for fqn, parts in found.items():
         a = parts.get("lora_A", parts.get("embedding:lora_A"))
         b = parts.get("lora_B", parts.get("embedding:lora_B"))
@@ -331,15 +341,13 @@ def _lora_shift(
             kind, shape = nn.Linear, (b.shape[0], a.shape[1])
         elif a.dim() == 4:
             kind, shape = nn.Conv2d, (b.shape[0], *a.shape[1:])
-            _check_conv(fqn, a, b, patterns.rank_of(fqn), modules)
+            _check_conv(fqn, a, b, ranks[fqn], modules)
         else:
             raise ShiftkitError(
                 f"LoRA on {fqn!r}: lora_A has shape {tuple(a.shape)}; only Linear, Conv2d, Embedding"
             )
-        if a.shape[0] != patterns.rank_of(fqn) or b.shape[1] != patterns.rank_of(fqn):
-            raise ShiftkitError(
-                f"LoRA on {fqn!r} has rank {a.shape[0]}, the config says r={patterns.rank_of(fqn)}"
-            )
+        if a.shape[0] != ranks[fqn] or b.shape[1] != ranks[fqn]:
+            raise ShiftkitError(f"LoRA on {fqn!r} has rank {a.shape[0]}, the config says r={ranks[fqn]}")
         own = _shape_of(modules, fqn, kind)
         if own is not None and own != shape:
             raise ShiftMismatchError(f"LoRA on {fqn!r} is for shape {shape}, the model's is {own}")
@@ -347,15 +355,15 @@ def _lora_shift(
     init = config.get("init_lora_weights", True)
     lora = lora_cls(
         r=r,
-        lora_alpha=float(config.get("lora_alpha", 8)),
+        lora_alpha=alpha,
         lora_dropout=float(config.get("lora_dropout", 0.0)),
         use_rslora=bool(config.get("use_rslora", False)),
         # only a fresh attach uses the init; other PEFT inits (eva, orthogonal) left no trace in the weights
         init_lora_weights=init if init in (True, False, "gaussian") else True,
         target_modules=tuple(found),
         modules_to_save=tuple(k for k in base if k not in found),
-        rank_pattern=patterns.rank_pattern,
-        alpha_pattern=patterns.alpha_pattern,
+        rank_pattern={k: int(v) for k, v in module_patterns(ranks, r).items()},
+        alpha_pattern=module_patterns(alphas, alpha),
     )
     return Shift("lora", lora, out, base)
 

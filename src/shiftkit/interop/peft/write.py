@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from shiftkit._fileio import atomic_write_text
 from shiftkit.core.attach import extract
 from shiftkit.core.io import atomic_save_tensors
+from shiftkit.core.patterns import exact_patterns
 from shiftkit.core.registry import get_method
 from shiftkit.core.shift import Shift, split_key
 from shiftkit.core.targets import find_input_embeddings, iter_base_modules, match_names
@@ -170,13 +171,14 @@ def _export_lora(
             out[f"base_model.model.{name}.lora_A.weight"] = a
             out[f"base_model.model.{name}.lora_B.weight"] = b
     alpha = config.lora_alpha
-    # per-module ranks / alphas as exact PEFT module names (PEFT reads the keys as name-suffix patterns)
-    ranks = {_peft_name(f, prefix): config.rank_of(f) for f in by_module if config.rank_of(f) != config.r}
-    alphas = {
-        _peft_name(f, prefix): _number(config.alpha_of(f))
-        for f in by_module
-        if config.alpha_of(f) != config.lora_alpha
-    }
+    # per-module ranks / alphas keyed by PEFT module name (anchored where a plain name would also match a
+    # longer one: PEFT reads the keys as name-suffix patterns, and the file's keys are sorted)
+    names = [_peft_name(f, prefix) for f in by_module]
+    ranks = exact_patterns({_peft_name(f, prefix): config.rank_of(f) for f in by_module}, names, config.r)
+    alphas = exact_patterns(
+        {_peft_name(f, prefix): config.alpha_of(f) for f in by_module}, names, config.lora_alpha
+    )
+    alphas = {k: _number(v) for k, v in alphas.items()}
     return {
         "r": config.r,
         "lora_alpha": _number(alpha),
@@ -188,7 +190,7 @@ def _export_lora(
         "fan_in_fan_out": False,
         "use_dora": False,
         "lora_bias": False,
-        "rank_pattern": ranks,
+        "rank_pattern": {k: int(v) for k, v in ranks.items()},
         "alpha_pattern": alphas,
         "exclude_modules": None,
         "layers_to_transform": None,

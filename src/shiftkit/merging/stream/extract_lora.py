@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from shiftkit.core.io import save
+from shiftkit.core.patterns import exact_patterns
 from shiftkit.core.shift import Shift
 from shiftkit.errors import ShiftkitError, ShiftMismatchError
 from shiftkit.merging.stream.checkpoints import Checkpoint, open_checkpoint
@@ -369,6 +370,8 @@ def _write_peft(
         export_peft(shift, folder, task_type=task_type, base_model_name_or_path=str(base_path))
         r = shift.config.r if isinstance(shift.config, LoRAConfig) else 0
         pattern = {fqn: k for fqn, k in ranks.items() if k != r}
+        # keys PEFT reads as name-suffix patterns: anchored where a plain name would match a longer one too
+        keys = exact_patterns(pattern, list(ranks), r)
         tensors = load_file(str(folder / WEIGHTS_NAME))
         if pattern:  # store each layer at its own rank, as mergekit does
             for key in list(tensors):
@@ -381,8 +384,8 @@ def _write_peft(
                 tensors[key] = (t[:k] if part.endswith("A") else t[:, :k]).contiguous()
             atomic_save_tensors(tensors, folder / WEIGHTS_NAME, {"format": "pt"})
             config = json.loads((folder / CONFIG_NAME).read_text())
-            config["rank_pattern"] = pattern
-            config["alpha_pattern"] = dict(pattern)
+            config["rank_pattern"] = {k: int(v) for k, v in keys.items()}
+            config["alpha_pattern"] = {k: int(v) for k, v in keys.items()}
             (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         numel = sum(t.numel() for t in tensors.values())
         os.chmod(folder, 0o755)

@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shiftkit.core.config import FrozenMap, ShiftConfig
+from shiftkit.core.patterns import exact_patterns, module_patterns, pattern_lookup
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["LoRAConfig", "module_patterns"]
+__all__ = ["LoRAConfig", "exact_patterns", "module_patterns"]
 
 _INITS = (True, False, "gaussian")
 
@@ -52,7 +53,10 @@ class LoRAConfig(ShiftConfig):
                     f"LoRAConfig.{name} must map module-name patterns to numbers, got {value!r}"
                 )
             for k, v in value.items():
-                ok = isinstance(v, int) and v >= 1 if kind == "rank" else isinstance(v, int | float)
+                if kind == "rank":
+                    ok = isinstance(v, int) and v >= 1
+                else:
+                    ok = isinstance(v, int | float) and math.isfinite(v)
                 if isinstance(v, bool) or not ok:
                     raise ShiftkitError(f"LoRAConfig.{name}[{k!r}] must be a {kind}, got {v!r}")
                 try:
@@ -79,11 +83,11 @@ class LoRAConfig(ShiftConfig):
 
     def rank_of(self, fqn: str) -> int:
         """The rank of module ``fqn``: its ``rank_pattern`` entry (PEFT's matching), else ``r``."""
-        return int(_lookup(self.rank_pattern, fqn, self.r))
+        return int(pattern_lookup(self.rank_pattern, fqn, self.r))
 
     def alpha_of(self, fqn: str) -> float:
         """The ``lora_alpha`` of module ``fqn``: its ``alpha_pattern`` entry, else ``lora_alpha``."""
-        return float(_lookup(self.alpha_pattern, fqn, self.lora_alpha))
+        return float(pattern_lookup(self.alpha_pattern, fqn, self.lora_alpha))
 
     def scaling_of(self, fqn: str) -> float:
         """The scaling of module ``fqn``'s update, with its own rank and α."""
@@ -101,31 +105,3 @@ class LoRAConfig(ShiftConfig):
             use_rslora=self.use_rslora,
             init_lora_weights=self.init_lora_weights,
         )
-
-
-def _lookup(pattern: Mapping[str, float], fqn: str, default: float) -> float:
-    """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", fqn)``."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", fqn):
-            return value
-    return default
-
-
-def module_patterns(values: Mapping[str, float], default: float) -> dict[str, float]:
-    """A ``rank_pattern`` giving each module of ``values`` its value, others ``default``.
-
-    Keys are the module names (what PEFT and mergekit write), longest first, so that a name that ends
-    another one's (``fc`` and ``block.fc``) cannot take its value; a module with the default value that a
-    shorter key would still match gets its own entry.
-
-    Example:
-        >>> module_patterns({"a.q": 4, "a.v": 8}, 8)
-        {'a.q': 4}
-    """
-    chosen = {k: v for k, v in values.items() if v != default}
-    while True:
-        ordered = dict(sorted(chosen.items(), key=lambda kv: (-len(kv[0]), kv[0])))
-        wrong = [k for k, v in values.items() if _lookup(ordered, k, default) != v]
-        if not wrong:
-            return ordered
-        chosen.update({k: values[k] for k in wrong})
