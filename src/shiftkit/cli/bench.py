@@ -23,6 +23,7 @@ SUITES: dict[str, str] = {
     "compress-vader": "shiftkit.bench.compress_vader",
     "tta-fmnist-c": "shiftkit.bench.tta_fmnist_c",
     "continual-text": "shiftkit.bench.continual_text",
+    "rewarm": "shiftkit.bench.rewarm",
 }
 
 #: one line per suite for ``--help`` and ``list`` (kept here so listing imports nothing)
@@ -34,6 +35,7 @@ SUMMARIES: dict[str, str] = {
     "compress-vader": "merge-vader's task vectors and LoRAs compressed (ComPEFT, BCQ): bytes vs accuracy",
     "tta-fmnist-c": "test-time adaptation: Fashion-MNIST-C (15 corruptions) and MNIST -> digits, error %",
     "continual-text": "six text tasks in sequence: what continual strategies keep of MiniLM's zero-shot",
+    "rewarm": "continued pre-training of SmolLM2: LR re-warming, infinite schedules, replay; perplexity",
 }
 
 DESCRIPTION = (
