@@ -46,14 +46,14 @@ PHASES: tuple[str, ...] = ("tweets", "amazon")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"steps": 2, "batch_size": 4, "max_length": 32, "n_train": 32, "n_eval": 16, "lr": 1e-4},
-    "default": {"steps": 24, "batch_size": 8, "max_length": 48, "n_train": 384, "n_eval": 96, "lr": 1e-4},
+    "default": {"steps": 16, "batch_size": 8, "max_length": 48, "n_train": 256, "n_eval": 64, "lr": 1e-4},
     "full": {"steps": 60, "batch_size": 8, "max_length": 64, "n_train": 960, "n_eval": 192, "lr": 1e-4},
 }
 MIN_LR_RATIO, CONSTANT_RATIO = 0.1, 0.55
 
 EPILOG = """\
 examples:
-  shiftkit bench rewarm                                  # 3 schedules x 3 replay fractions + union (~25 min)
+  shiftkit bench rewarm                                  # 3 schedules x 3 replay fractions + union (~20 min)
   shiftkit bench rewarm --schedules rewarm --replays 0 0.05
   shiftkit bench rewarm --quick                          # smoke test
 """
