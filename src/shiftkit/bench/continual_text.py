@@ -371,19 +371,16 @@ def _heatmap_svg(name: str, a: list[list[float]], tasks: list[str]) -> str:
 
 def render_html(payload: dict[str, Any]) -> str:
     """The report: the table beside the anchor and one accuracy-matrix heat map per method."""
-    from shiftkit.bench.report import footer, html_table
+    from shiftkit.bench.report import html_table, suite_page
 
     rows, columns = table_rows(payload)
     tasks = list(payload["tasks"])
     maps = "".join(_heatmap_svg(n, r["accuracy"], tasks) for n, r in payload["methods"].items())
     s = payload["settings"]
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>continual-text</title></head><body>"
-        "<h1>continual-text</h1>"
-        f"<p>MiniLM as a zero-shot classifier (cosine similarity to label descriptions), tasks in order "
-        f"{html.escape(', '.join(tasks))}; {s['n_train']} training sentences per task, {s['epochs']} epochs, "
-        f"{s['n_test']} test sentences per task, seed {s['seed']}.</p>"
-        f"{html_table(rows, columns)}<p>{html.escape(payload['verdict'])}</p>"
-        f"<h2>Accuracy matrices (row: after training task t; column: task d)</h2>{maps}"
-        f"{footer(payload)}</body></html>"
+    intro = (
+        f"MiniLM as a zero-shot classifier (cosine similarity to label descriptions), tasks in order "
+        f"{', '.join(tasks)}; {s['n_train']} training sentences per task, {s['epochs']} epochs, "
+        f"{s['n_test']} test sentences per task, seed {s['seed']}."
     )
+    body = f"{html_table(rows, columns)}<h2>Accuracy matrices (row: after task t; column: task d)</h2>{maps}"
+    return suite_page("continual-text", intro, payload, body)

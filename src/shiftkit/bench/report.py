@@ -65,6 +65,16 @@ def write_suite_outputs(
         print(f"wrote {json_path}")
 
 
+def suite_page(title: str, intro: str, payload: dict[str, Any], body: str = "") -> str:
+    """A suite's report page: the title, an introduction (plain text, escaped), ``body`` (the table and
+    charts, HTML), the payload's verdict and the footer."""
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"
+        f"{body}<p>{html.escape(str(payload.get('verdict', '')))}</p>{footer(payload)}</body></html>"
+    )
+
+
 def human_count(n: float) -> str:
     """``22566146 -> '22.6M'``, ``74498 -> '74.5k'``."""
     for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):

@@ -409,14 +409,12 @@ def _plot_svg(payload: dict[str, Any]) -> str:
 
 def render_html(payload: dict[str, Any]) -> str:
     """The report: the table, the verdict and the old-vs-new perplexity plot."""
-    from shiftkit.bench.report import footer, html_table
+    from shiftkit.bench.report import html_table, suite_page
 
     rows, columns = table_rows(payload)
     s = payload["settings"]
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>rewarm</title></head><body><h1>rewarm</h1>"
-        f"<p>Continued pre-training, phases {html.escape(' then '.join(payload['phases']))}, "
-        f"{s['steps']} steps of {s['batch_size']} texts per phase, peak LR {s['lr']}, seed {s['seed']}.</p>"
-        f"{html_table(rows, columns)}<p>{html.escape(payload['verdict'])}</p>{_plot_svg(payload)}"
-        f"{footer(payload)}</body></html>"
+    intro = (
+        f"Continued pre-training, phases {' then '.join(payload['phases'])}, {s['steps']} steps of "
+        f"{s['batch_size']} texts per phase, peak LR {s['lr']}, seed {s['seed']}."
     )
+    return suite_page("rewarm", intro, payload, html_table(rows, columns) + _plot_svg(payload))
