@@ -195,6 +195,15 @@ def test_replay_mixer_rows_order_and_padding() -> None:
     assert none[0] is new[0]
 
 
+def test_replay_mixer_keeps_small_fractions_over_the_run() -> None:
+    """5 % of batches of 8 rows: 0.4 rows per batch, given as whole rows carried over the batches."""
+    new = [torch.zeros(8, 1)] * 40
+    mixed = list(continual.ReplayMixer(new, [torch.ones(8, 1)], fraction=0.05))
+    per_batch = [int(b.sum()) for b in mixed]
+    assert sum(per_batch) == 16 and set(per_batch) == {0, 1}  # 0.05 · 320 rows
+    assert all(b.shape == (8, 1) for b in mixed)
+
+
 def test_replay_mixer_refusals() -> None:
     with pytest.raises(ShiftkitError, match="fraction"):
         continual.ReplayMixer([], [], fraction=1.0)

@@ -1,14 +1,17 @@
 """Replay for continued training (Ibrahim et al. 2024, arXiv:2403.08763; spec: combine-compress.md §9.1):
-a fixed fraction of every batch's rows comes from earlier data, replacing new rows, so the budget of rows
-(tokens) per step stays what it was.
+a fixed fraction of the rows comes from earlier data, replacing new rows, so the budget of rows (tokens)
+per step stays what it was.
 
 :class:`ReplayMixer` wraps two batch sources. Each batch of ``new`` (a tensor, or a mapping of tensors
-whose first dimension is the batch) keeps its first ``B − r`` rows and gets ``r = round(fraction·B)`` rows
-from ``old``, taken in order from its batches and cycling through it (a shuffling DataLoader reshuffles at
-each pass). Sequences of different lengths are right-padded to the longer: ``attention_mask`` with 0,
-``labels`` with -100 (ignored by the usual cross-entropy), anything else with ``pad_values[key]`` (default
-0). The mixer is re-iterable and has ``len(new)`` batches, so it drops into
-:func:`shiftkit.recipes.learn.train` or any loop.
+whose first dimension is the batch) keeps its first ``B − r`` rows and gets ``r`` rows from ``old``, with
+``r`` its share of ``fraction`` times the rows so far, rounded down with the remainder carried over: over
+a run the old share is ``fraction`` to within one row even when ``fraction·B`` is below one (5 % of
+batches of 8 is one old row in every 2 or 3 batches), and every batch gets ``⌊fraction·B⌋`` or
+``⌈fraction·B⌉`` old rows. They are taken in order from ``old``'s batches, cycling through it (a
+shuffling DataLoader reshuffles at each pass). Sequences of different lengths are right-padded to the
+longer: ``attention_mask`` with 0, ``labels`` with -100 (ignored by the usual cross-entropy), anything
+else with ``pad_values[key]`` (default 0). The mixer is re-iterable and has ``len(new)`` batches, so it
+drops into :func:`shiftkit.recipes.learn.train` or any loop.
 
 Example:
     >>> mixed = ReplayMixer(new_batches, old_batches, fraction=0.25)
@@ -17,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sized
 from typing import Any
 
@@ -78,6 +82,7 @@ class ReplayMixer:
         self.pad_values = {**_PADS, **(pad_values or {})}
         self._old_iter: Iterator[Any] | None = None
         self._left: Any = None  # rows of the current old batch not yet used
+        self._owed = 0.0  # old rows due but not yet given (the fraction's remainder, carried over)
 
     def __len__(self) -> int:
         if not isinstance(self.new, Sized):
@@ -108,7 +113,9 @@ class ReplayMixer:
 
     def _mix(self, batch: Any) -> Any:
         b = _rows(batch)
-        r = round(self.fraction * b)
+        due = self._owed + self.fraction * b
+        r = min(math.floor(due + 1e-9), b)
+        self._owed = due - r
         if r == 0:
             return batch
         parts = [_slice(batch, slice(0, b - r)), *self._take_old(r)]
