@@ -105,3 +105,20 @@ def test_refusals() -> None:
         rw.run_suite(SETTINGS, schedules=("cosine",), model_factory=_factory, texts=_texts())
     with pytest.raises(ShiftkitError, match="replay"):
         rw.run_suite(SETTINGS, replays=(1.0,), model_factory=_factory, texts=_texts())
+
+
+def test_finished_runs_are_kept_and_reused(tmp_path: Any) -> None:
+    kw: dict[str, Any] = {
+        "replays": (0.0,),
+        "schedules": ("rewarm",),
+        "model_factory": _factory,
+        "out": tmp_path,
+    }
+    first = rw.run_suite(SETTINGS, texts=_texts(), **kw)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["rewarm-0.json", "union.json"]
+    seen: list[str] = []
+    again = rw.run_suite(SETTINGS, texts=_texts(), log=seen.append, **kw)
+    assert again["runs"] == first["runs"] and sum("kept" in m for m in seen) == 2
+    other = {**SETTINGS, "steps": 2}  # other settings: run again, not read back
+    third = rw.run_suite(other, texts=_texts(), union=False, **kw)
+    assert third["runs"][0]["steps"] == 4

@@ -20,6 +20,9 @@ re-trains from the pretrained model on the union of the new text (both phases mi
 re-warmed schedule over the same total steps: the paper's "re-training on the union" baseline, whose cost
 is every phase's steps again each time new data arrives.
 
+Each finished run is kept in ``--out``/runs and reused when the suite is run again with the same settings, so
+an interrupted suite resumes at the first unfinished run (``--fresh`` reruns everything).
+
 Example:
     >>> parser = argparse.ArgumentParser(); add_arguments(parser)
     >>> run(parser.parse_args(["--quick"]))  # doctest: +SKIP
@@ -31,10 +34,12 @@ from __future__ import annotations
 import argparse
 import copy
 import html
+import json
 import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["PHASES", "REPLAYS", "SCHEDULES", "SIZES", "add_arguments", "run", "run_suite", "table_rows"]
@@ -72,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-union", action="store_true", help="skip the re-training-on-the-union row")
     parser.add_argument("--seed", type=int, default=0, help="data split and batch order (default 0)")
     parser.add_argument("--out", default="runs/rewarm", metavar="DIR", help="default: runs/rewarm")
+    parser.add_argument(
+        "--fresh", action="store_true", help="rerun every run (ignore the finished ones in --out)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results JSON to PATH")
 
 
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         schedules=tuple(args.schedules or SCHEDULES),
         replays=tuple(args.replays if args.replays is not None else REPLAYS),
         union=not args.no_union,
+        out=None if args.fresh else Path(args.out),
         log=lambda msg: print(f"[rewarm] {msg}", file=sys.stderr, flush=True),
     )
     rows, columns = table_rows(payload)
@@ -215,6 +224,7 @@ def run_suite(
     union: bool = True,
     model_factory: Callable[[], tuple[Any, Any]] | None = None,
     texts: dict[str, tuple[list[str], list[str]]] | None = None,
+    out: Path | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Run every ``schedule × replay`` (and the union baseline); return the payload.
@@ -225,6 +235,8 @@ def run_suite(
         union: add the re-training-on-the-union row.
         model_factory: ``() -> (causal LM, tokenizer)``; default SmolLM2-135M from the zoo.
         texts: ``name -> (train, held-out)`` for ``"old"`` and each of :data:`PHASES`; default the zoo's.
+        out: keep each finished run in ``out/runs/`` and reuse it when the suite is run again with the same
+            settings (an interrupted suite resumes at the first unfinished run).
         log: progress messages.
 
     Raises:
@@ -233,6 +245,7 @@ def run_suite(
     import torch
 
     from shiftkit import zoo
+    from shiftkit._fileio import atomic_write_text
     from shiftkit.bench.report import environment
     from shiftkit.continual import ReplayMixer
     from shiftkit.errors import ShiftkitError
@@ -262,8 +275,26 @@ def run_suite(
     def optimizer(model: Any) -> Any:
         return torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.95), weight_decay=0.1)
 
+    def kept(key: str, what: dict[str, Any]) -> dict[str, Any] | None:
+        path = out / "runs" / f"{key}.json" if out is not None else None
+        if path is None or not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        return saved["run"] if saved.get("fingerprint") == {**what, "settings": settings} else None
+
+    def keep(key: str, what: dict[str, Any], run: dict[str, Any]) -> None:
+        if out is not None:
+            record = {"fingerprint": {**what, "settings": settings}, "run": run}
+            atomic_write_text(out / "runs" / f"{key}.json", json.dumps(record) + "\n")
+
     for sched_name in schedules:
         for replay in replays:
+            key, what = f"{sched_name}-{replay:g}", {"schedule": sched_name, "replay": replay}
+            previous = kept(key, what)
+            if previous is not None:
+                log(f"{sched_name}, replay {replay:.2f}: finished in an earlier run (kept)")
+                runs.append(previous)
+                continue
             model = copy.deepcopy(base)
             opt = optimizer(model)
             sched = _schedule(sched_name, opt, steps, len(PHASES))
@@ -287,7 +318,12 @@ def run_suite(
                     "seconds": seconds,
                 }
             )
-    if union:
+            keep(key, what, runs[-1])
+    union_run = kept("union", {"schedule": "union"}) if union else None
+    if union_run is not None:
+        log("union: finished in an earlier run (kept)")
+        runs.append(union_run)
+    elif union:
         model = copy.deepcopy(base)
         opt = optimizer(model)
         total = steps * len(PHASES)
@@ -307,6 +343,7 @@ def run_suite(
                 "seconds": seconds,
             }
         )
+        keep("union", {"schedule": "union"}, runs[-1])
     payload: dict[str, Any] = {
         "suite": "rewarm",
         "settings": settings,
