@@ -206,7 +206,7 @@ def run_suite(
     from shiftkit._fileio import atomic_write_text
     from shiftkit.bench._suite import RssPeak
     from shiftkit.bench.report import environment
-    from shiftkit.recipes.continual import ZeroShotTextClassifier, run_sequence
+    from shiftkit.recipes.continual import ZeroShotTextClassifier, evaluate_tasks, run_sequence
     from shiftkit.recipes.learn import TrainConfig, encode_texts, eval_batches
 
     start = time.perf_counter()
@@ -244,7 +244,7 @@ def run_suite(
         t0 = time.perf_counter()
         with RssPeak() as meter:
             if shift == "none":  # zero-shot: the pretrained model on every task, before and after "training"
-                row = [sk_accuracy(model, t, i) for i, t in enumerate(tasks)]
+                row = evaluate_tasks(model, tasks, zs.set_task_of)
                 res_d: dict[str, Any] = {
                     "accuracy": [row] * len(tasks), "zero_shot": row,
                     "metrics": continual.mtil_metrics([row] * len(tasks), zero_shot=row), "train_seconds": [],
@@ -289,15 +289,6 @@ def run_suite(
     }
     payload["verdict"] = verdict(payload)
     return payload
-
-
-def sk_accuracy(model: Any, task: Any, index: int) -> float:
-    """Accuracy of ``model`` on ``task``'s test set, scoring task ``index``'s labels."""
-    from shiftkit.recipes.continual import ZeroShotTextClassifier
-    from shiftkit.recipes.learn import accuracy
-
-    ZeroShotTextClassifier.set_task_of(model, index)
-    return accuracy(model, task.test)
 
 
 def verdict(payload: dict[str, Any]) -> str:

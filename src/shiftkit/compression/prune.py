@@ -37,7 +37,15 @@ from torch import Tensor, nn
 from shiftkit.core.wrapper import is_shift_module
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["PruneMasks", "TransformerLayer", "attach_masks_", "find_layers", "prune_", "select_units"]
+__all__ = [
+    "PruneMasks",
+    "TransformerLayer",
+    "attach_masks_",
+    "check_head_pruning",
+    "find_layers",
+    "prune_",
+    "select_units",
+]
 
 #: (attention out, q, k, v, FFN inputs, FFN out), relative to one layer of the stack
 _LAYOUTS: tuple[tuple[str, str, str, str, tuple[str, ...], str], ...] = (
@@ -189,6 +197,20 @@ def attach_masks_(model: nn.Module) -> PruneMasks:
     return PruneMasks(model, find_layers(model))
 
 
+def check_head_pruning(model: nn.Module, layer: TransformerLayer) -> None:
+    """Raise unless ``layer``'s heads can be removed: under grouped-query attention keys and values are
+    shared across heads, so only FFN neurons can be pruned.
+
+    Raises:
+        ShiftkitError: the layer uses grouped-query attention (named).
+    """
+    if _linear(model, layer.k).out_features != _linear(model, layer.q).out_features:
+        raise ShiftkitError(
+            f"{layer.prefix}: grouped-query attention shares keys and values across heads, so its heads "
+            "cannot be pruned; prune FFN neurons only (head_ratio=0)"
+        )
+
+
 def _at_or_below(values: Tensor, ratio: float) -> list[int]:
     if ratio <= 0:
         return []
@@ -252,11 +274,7 @@ def prune_(
         ly = layers[prefix]
         if any(not 0 <= h < ly.heads for h in drop):
             raise ShiftkitError(f"{prefix}: head index out of range 0..{ly.heads - 1}: {drop}")
-        if _linear(model, ly.k).out_features != _linear(model, ly.q).out_features:
-            raise ShiftkitError(
-                f"{prefix}: grouped-query attention shares keys and values across heads; prune FFN "
-                "neurons only"
-            )
+        check_head_pruning(model, ly)
         kept_heads = [h for h in range(ly.heads) if h not in set(drop)]
         keep = torch.cat([torch.arange(h * ly.head_dim, (h + 1) * ly.head_dim) for h in kept_heads])
         for name in (ly.q, ly.k, ly.v):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shiftkit.continual.mixer import _pad_cat
 from shiftkit.core.attach import attached_method, named_shift_parameters
 from shiftkit.core.training import TrainHooks
 from shiftkit.errors import ShiftkitError
@@ -127,15 +128,7 @@ class Memory:
 
 
 def _cat(parts: list[Batch]) -> dict[str, Tensor]:
-    out = {}
-    for key in parts[0]:
-        ts = [p[key] for p in parts]
-        if ts[0].dim() >= 2:
-            width = max(t.shape[1] for t in ts)
-            pad = -100 if key == "labels" else 0
-            ts = [F.pad(t, (0, width - t.shape[1]), value=pad) for t in ts]
-        out[key] = torch.cat(ts, 0)
-    return out
+    return {k: _pad_cat([p[k] for p in parts], -100 if k == "labels" else 0) for k in parts[0]}
 
 
 class Strategy(TrainHooks):

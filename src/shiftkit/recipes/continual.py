@@ -43,7 +43,7 @@ from shiftkit.errors import ShiftkitError
 from shiftkit.recipes.learn import Batches, TrainConfig, accuracy, train
 from shiftkit.recipes.models import mean_pool
 
-__all__ = ["ContinualResult", "ContinualTask", "ZeroShotTextClassifier", "run_sequence"]
+__all__ = ["ContinualResult", "ContinualTask", "ZeroShotTextClassifier", "evaluate_tasks", "run_sequence"]
 
 Batch = Mapping[str, Tensor]
 
@@ -142,9 +142,10 @@ class ZeroShotTextClassifier(nn.Module):
         return model.embed(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
 
 
-def _evaluate(
+def evaluate_tasks(
     model: nn.Module, tasks: Sequence[ContinualTask], set_task: Callable[[nn.Module, int], None]
 ) -> list[float]:
+    """The accuracy of ``model`` on every task's test set, each scored under its own labels (``set_task``)."""
     row = []
     for d, task in enumerate(tasks):
         set_task(model, d)
@@ -243,7 +244,7 @@ def run_sequence(
     rows: list[list[float]] = state["accuracy"] if state else []
     seconds: list[float] = state["train_seconds"] if state else []
     done = len(rows)
-    zero_shot: list[float] = state["zero_shot"] if state else _evaluate(model, tasks, set_task)
+    zero_shot: list[float] = state["zero_shot"] if state else evaluate_tasks(model, tasks, set_task)
     if done == 0:
         strategy.reset()
     params = list(trainable_parameters(model).values())
@@ -263,7 +264,7 @@ def run_sequence(
         strategy.end_task(ctx)
         strategy.remember(ctx)
         seconds.append(res.seconds)
-        rows.append(_evaluate(model, tasks, set_task))
+        rows.append(evaluate_tasks(model, tasks, set_task))
         if ckpt is not None:
             progress_state = {
                 "identity": identity,

@@ -32,7 +32,14 @@ from torch import Tensor, nn
 
 import shiftkit as sk
 from shiftkit.compression.light_peft import LoRAImportance, prune_lora, select_lora
-from shiftkit.compression.prune import PruneMasks, attach_masks_, find_layers, prune_, select_units
+from shiftkit.compression.prune import (
+    PruneMasks,
+    attach_masks_,
+    check_head_pruning,
+    find_layers,
+    prune_,
+    select_units,
+)
 from shiftkit.core.attach import attached_method, named_shift_parameters
 from shiftkit.core.shift import Shift
 from shiftkit.errors import ShiftkitError
@@ -115,11 +122,6 @@ class _Estimation(TrainHooks):
         self.importance.step()
 
 
-def _width(model: nn.Module, name: str) -> int:
-    m = model.get_submodule(name)
-    return int(getattr(m, "out_features", 0))
-
-
 def _factor_params(shift: Shift) -> int:
     return sum(t.numel() for k, t in shift.tensors.items() if k.endswith((".lora_A", ".lora_B")))
 
@@ -158,13 +160,9 @@ def light_peft(
     if attached_method(model) is not None:
         raise ShiftkitError("light_peft wants a plain model; detach the attached shift first")
     layers = find_layers(model)
-    if settings.head_ratio > 0:
-        gqa = [ly.prefix for ly in layers if _width(model, ly.k) != _width(model, ly.q)]
-        if gqa:
-            raise ShiftkitError(
-                f"{gqa[0]}: grouped-query attention shares keys and values across heads, so heads cannot be "
-                "pruned; set head_ratio=0 (FFN neurons, LoRA modules and ranks are still pruned)"
-            )
+    if settings.head_ratio > 0:  # before any training, not after it
+        for ly in layers:
+            check_head_pruning(model, ly)
     if len(train_batches) == 0:
         raise ShiftkitError("light_peft: the training set has no batches")
     # the estimation runs exactly estimate_steps steps, over as many epochs as that takes
