@@ -11,6 +11,7 @@ import torch
 
 from shiftkit.bench import rewarm as rw
 from shiftkit.errors import ShiftkitError
+from shiftkit.recipes.causal_lm import lm_batches, perplexity
 
 
 class CharTok:
@@ -72,7 +73,7 @@ def test_suite_runs_every_schedule_replay_and_the_union() -> None:
 
 def test_perplexity_is_exp_of_the_mean_token_nll() -> None:
     model, tok = _factory()
-    batches = rw._batches(tok, ["abc", "hello there"], 2, 16)
+    batches = lm_batches(tok, ["abc", "hello there"], 2, 16)
     logits = model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"]).logits
     nll, n = 0.0, 0
     for i, length in enumerate(batches[0]["attention_mask"].sum(1).tolist()):
@@ -80,7 +81,7 @@ def test_perplexity_is_exp_of_the_mean_token_nll() -> None:
         target = batches[0]["input_ids"][i, 1:length]
         nll -= float(logp.gather(1, target[:, None]).sum())
         n += length - 1
-    assert rw.perplexity(model, batches) == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert perplexity(model, batches) == pytest.approx(math.exp(nll / n), rel=1e-5)
 
 
 def test_verdict_reads_the_union_row() -> None:

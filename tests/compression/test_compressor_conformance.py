@@ -21,6 +21,9 @@ def _tv() -> Shift:
     g = torch.Generator().manual_seed(0)
     tensors = {"l1.weight": torch.randn(64, 48, generator=g), "l2.weight": torch.randn(32, 64, generator=g)}
     tensors["l1.bias"] = torch.randn(64, generator=g)
+    # a few rows of one layer changed, as a targeted edit changes them (every compressor must shrink it)
+    tensors["l3.weight"] = torch.zeros(128, 48)
+    tensors["l3.weight"][[3, 40, 77]] = torch.randn(3, 48, generator=g)
     return Shift(DELTA, None, tensors, {k: tuple(v.shape) for k, v in tensors.items()})
 
 

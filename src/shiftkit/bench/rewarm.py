@@ -35,7 +35,6 @@ import argparse
 import copy
 import html
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -123,22 +122,6 @@ def _texts(settings: dict[str, Any]) -> dict[str, tuple[list[str], list[str]]]:
     return out
 
 
-def _batches(tok: Any, texts: Sequence[str], batch_size: int, max_length: int) -> list[dict[str, Any]]:
-    """Causal-LM batches: ``input_ids``, ``attention_mask`` and ``labels`` (padding ignored: -100)."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(
-            list(texts[i : i + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
-    return out
-
-
 def _cycle(batches: list[dict[str, Any]], seed: int) -> Iterable[dict[str, Any]]:
     import random
 
@@ -148,28 +131,6 @@ def _cycle(batches: list[dict[str, Any]], seed: int) -> Iterable[dict[str, Any]]
         gen.shuffle(order)
         for i in order:
             yield batches[i]
-
-
-def perplexity(model: Any, batches: Iterable[dict[str, Any]]) -> float:
-    """``exp`` of the mean next-token negative log-likelihood over every real token of ``batches``."""
-    import torch
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for b in batches:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-            target = b["labels"][:, 1:]
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                target.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            total += float(nll)
-            count += int((target != -100).sum())
-    return math.exp(total / max(count, 1))
 
 
 def _schedule(name: str, opt: Any, steps: int, phases: int) -> Any:
@@ -262,8 +223,10 @@ def run_suite(
         tok.pad_token = tok.eos_token
     data = texts or _texts(settings)
     bs, ml, steps = settings["batch_size"], settings["max_length"], settings["steps"]
-    train = {k: _batches(tok, v[0], bs, ml) for k, v in data.items()}
-    held = {k: _batches(tok, v[1], bs, ml) for k, v in data.items()}
+    from shiftkit.recipes.causal_lm import lm_batches, perplexity
+
+    train = {k: lm_batches(tok, v[0], bs, ml) for k, v in data.items()}
+    held = {k: lm_batches(tok, v[1], bs, ml) for k, v in data.items()}
 
     def evaluate(model: Any) -> dict[str, float]:
         return {k: perplexity(model, b) for k, b in held.items()}

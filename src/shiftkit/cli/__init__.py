@@ -21,6 +21,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "compress",
     "extract_lora",  # the command is "extract-lora"
     "adapt",
+    "edit",
     "inspect",
     "bench",
     "zoo",

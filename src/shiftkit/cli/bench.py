@@ -24,6 +24,7 @@ SUITES: dict[str, str] = {
     "tta-fmnist-c": "shiftkit.bench.tta_fmnist_c",
     "continual-text": "shiftkit.bench.continual_text",
     "rewarm": "shiftkit.bench.rewarm",
+    "edit-smollm2": "shiftkit.bench.edit_smollm2",
 }
 
 #: one line per suite for ``--help`` and ``list`` (kept here so listing imports nothing)
@@ -36,6 +37,7 @@ SUMMARIES: dict[str, str] = {
     "tta-fmnist-c": "test-time adaptation: Fashion-MNIST-C (15 corruptions) and MNIST -> digits, error %",
     "continual-text": "six text tasks in sequence: what continual strategies keep of MiniLM's zero-shot",
     "rewarm": "continued pre-training of SmolLM2: LR re-warming, infinite schedules, replay; perplexity",
+    "edit-smollm2": "Model Surgery (steer sentiment, keep perplexity) and CHES + DPO on SmolLM2",
 }
 
 DESCRIPTION = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from shiftkit.compression import bcq as bcq
 from shiftkit.compression import compeft as compeft
+from shiftkit.compression import rows as rows
 from shiftkit.compression.api import compress, decompress, quantize_
 from shiftkit.compression.registry import (
     COMPRESS_METHODS,
