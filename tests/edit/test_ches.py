@@ -112,3 +112,21 @@ def test_bad_input() -> None:
         edit.ches_from_hidden(torch.ones(2, 3), torch.ones(2, 4))
     with pytest.raises(ShiftkitError, match="no tokens"):
         edit.ches_from_hidden(torch.ones(0, 3), torch.ones(2, 3))
+
+
+def test_baselines_of_spec_section_8_2() -> None:
+    tok = CharTokenizer()
+    d = edit.edit_distance_similarity(
+        tok, ["abc", "abc", "", "kitten", ""], ["abc", "abd", "ab", "sitting", ""]
+    )
+    assert d[:4].tolist() == [0.0, -1 / 3, -1.0, -3 / 7] and math.isnan(float(d[4]))
+    model = _llama()
+    got = edit.last_state_similarity(model, tok, PROMPTS, CHOSEN, REJECTED, batch_size=2)
+    for i in range(3):
+        last = []
+        for r in (CHOSEN[i], REJECTED[i]):
+            ids = torch.tensor([tok.encode_one(PROMPTS[i]) + tok.encode_one(r, special=False)])
+            last.append(
+                model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1].detach().double()
+            )
+        assert math.isclose(float(got[i]), float(last[0] @ last[1]), rel_tol=1e-5)

@@ -131,7 +131,10 @@ def test_suite_end_to_end_on_a_tiny_llama() -> None:
     assert rows[1]["rows"] == round(0.1 * payload["surgery"]["gate_rows"]) and rows[1]["k"] == 0.1
     ches = payload["ches"]
     assert ches["pairs"] == 16 and ches["near_duplicates"] == 4 and len(ches["dpo"]) == 2
-    assert 0.0 <= ches["auroc_ln_ches"] <= 1.0
+    assert all(
+        0.0 <= ches[k] <= 1.0
+        for k in ("auroc_ln_ches", "auroc_ches", "auroc_last_state", "auroc_edit_distance")
+    )
     for name, fn in (("surgery", suite.surgery_rows), ("ches", suite.ches_rows)):
         table, columns = fn(payload)
         assert table and set(table[0]) == set(columns), name

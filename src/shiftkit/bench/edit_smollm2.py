@@ -231,6 +231,14 @@ def _ches(model: Any, tok: Any, s: dict[str, Any], log: Callable[[str], None]) -
         "near_in_top": sum(data.near[i] for i in top),
         "auroc_ln_ches": _auroc(scores.tolist(), data.near),
         "auroc_ches": _auroc(raw.tolist(), data.near),
+        # the spec's two baselines: last-token hidden-state inner product, minus normalised edit distance
+        "auroc_last_state": _auroc(
+            edit.last_state_similarity(model, tok, data.prompts, data.chosen, data.rejected).tolist(),
+            data.near,
+        ),
+        "auroc_edit_distance": _auroc(
+            edit.edit_distance_similarity(tok, data.chosen, data.rejected).tolist(), data.near
+        ),
         "scores_seconds": time.perf_counter() - t0,
         "dpo": [],
     }
@@ -276,7 +284,9 @@ def _ches_verdict(part: dict[str, Any]) -> str:
     return (
         f"CHES: {part['near_in_top']} of the {part['near_duplicates']} highest-LN-CHES pairs are the "
         "near-duplicates "
-        f"(AUROC {part['auroc_ln_ches']:.3f}); after DPO the preferred log-prob changed by "
+        f"(AUROC {part['auroc_ln_ches']:.3f}; CHES {part['auroc_ches']:.3f}, last-state inner product "
+        f"{part['auroc_last_state']:.3f}, edit distance {part['auroc_edit_distance']:.3f}); after DPO the "
+        "preferred log-prob changed by "
         f"{high['chosen_logp_change']:+.2f} on the highest-LN-CHES pairs vs {low['chosen_logp_change']:+.2f} "
         "on the lowest: "
         + (

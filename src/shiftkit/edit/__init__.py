@@ -14,7 +14,14 @@ Example:
 
 from __future__ import annotations
 
-from shiftkit.edit.ches import ches, ches_from_hidden, response_sums, select_pairs
+from shiftkit.edit.ches import (
+    ches,
+    ches_from_hidden,
+    edit_distance_similarity,
+    last_state_similarity,
+    response_sums,
+    select_pairs,
+)
 from shiftkit.edit.probe import Probe, hidden_features, train_probe
 from shiftkit.edit.registry import EDIT_METHODS, EditSpec, get_method, list_methods, register_method
 from shiftkit.edit.surgery import AppliedEdit, apply_, gate_cosines, surgery
@@ -27,9 +34,11 @@ __all__ = [
     "apply_",
     "ches",
     "ches_from_hidden",
+    "edit_distance_similarity",
     "gate_cosines",
     "get_method",
     "hidden_features",
+    "last_state_similarity",
     "list_methods",
     "register_method",
     "response_sums",

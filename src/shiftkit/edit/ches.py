@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,14 @@ from shiftkit.edit.probe import last_hidden, require_pad_token
 from shiftkit.edit.registry import register_method
 from shiftkit.errors import ShiftkitError
 
-__all__ = ["ches", "ches_from_hidden", "response_sums", "select_pairs"]
+__all__ = [
+    "ches",
+    "ches_from_hidden",
+    "edit_distance_similarity",
+    "last_state_similarity",
+    "response_sums",
+    "select_pairs",
+]
 
 
 def _ches(h_pos: Tensor, h_neg: Tensor, n_pos: Tensor, n_neg: Tensor, length_normalized: bool) -> Tensor:
@@ -70,7 +77,46 @@ def _encode(tokenizer: Any, texts: Sequence[str], special: bool) -> list[list[in
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=special)["input_ids"]]
 
 
-@torch.no_grad()
+def _response_states(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    progress: Callable[[int, int], None] | None,
+) -> Iterator[tuple[Tensor, int, int]]:
+    """For each (prompt, response), in order: the last hidden states of the concatenated sequence
+    ``(length, d)``, the prompt's length and the response's (after truncation to ``max_length`` tokens)."""
+    if len(prompts) != len(responses):
+        raise ShiftkitError(f"{len(prompts)} prompts but {len(responses)} responses")
+    pad = require_pad_token(tokenizer)
+    p_ids, r_ids = _encode(tokenizer, prompts, True), _encode(tokenizer, responses, False)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(prompts), batch_size):
+            seqs = [
+                (p, r[: max(0, max_length - len(p))])
+                for p, r in zip(p_ids[i : i + batch_size], r_ids[i : i + batch_size], strict=True)
+            ]
+            width = max(1, max(len(p) + len(r) for p, r in seqs))
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for j, (p, r) in enumerate(seqs):
+                ids[j, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+                mask[j, : len(p) + len(r)] = 1
+            with torch.no_grad():
+                hidden = last_hidden(model, ids.to(device), mask.to(device)).float().cpu()
+            for j, (p, r) in enumerate(seqs):
+                yield hidden[j, : len(p) + len(r)], len(p), len(r)
+            if progress is not None:
+                progress(min(i + batch_size, len(prompts)), len(prompts))
+    finally:
+        model.train(was_training)
+
+
 def response_sums(
     model: nn.Module,
     tokenizer: Any,
@@ -92,42 +138,69 @@ def response_sums(
     Raises:
         ShiftkitError: prompts and responses differ in number, or the tokenizer has no pad token.
     """
-    if len(prompts) != len(responses):
-        raise ShiftkitError(f"{len(prompts)} prompts but {len(responses)} responses")
-    pad = require_pad_token(tokenizer)
-    p_ids, r_ids = _encode(tokenizer, prompts, True), _encode(tokenizer, responses, False)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     sums, counts = [], []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            seqs, spans = [], []
-            for p, r in zip(p_ids[i : i + batch_size], r_ids[i : i + batch_size], strict=True):
-                r = r[: max(0, max_length - len(p))]
-                seqs.append(p + r)
-                # positions len(p)-1 .. len(p)+len(r)-2 predict the response's tokens
-                lo, n = len(p) - 1, len(r) + (1 if include_final_token and r else 0)
-                spans.append((lo, n if p and r else 0))
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for j, s in enumerate(seqs):
-                ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[j, : len(s)] = 1
-            hidden = last_hidden(model, ids.to(device), mask.to(device))
-            for j, (lo, n) in enumerate(spans):
-                sums.append(
-                    hidden[j, lo : lo + n].float().sum(0).cpu()
-                    if n
-                    else hidden.new_zeros(hidden.shape[-1]).float().cpu()
-                )
-                counts.append(n)
-            if progress is not None:
-                progress(min(i + batch_size, len(prompts)), len(prompts))
-    finally:
-        model.train(was_training)
+    for h, n_p, n_r in _response_states(
+        model, tokenizer, prompts, responses, batch_size, max_length, progress
+    ):
+        # positions n_p-1 .. n_p+n_r-2 predict the response's tokens (one more with the reference's switch)
+        n = n_r + (1 if include_final_token else 0) if n_p and n_r else 0
+        sums.append(h[n_p - 1 : n_p - 1 + n].sum(0) if n else h.new_zeros(h.shape[-1]))
+        counts.append(n)
     return torch.stack(sums), torch.tensor(counts)
+
+
+def last_state_similarity(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> Tensor:
+    """Baseline of spec §8.2: ``⟨h⁺, h⁻⟩`` of the last hidden states at the final tokens of the two full
+    sequences (higher = more alike); ``nan`` where a response is empty.
+
+    Raises:
+        ShiftkitError: the lists differ in length, or the tokenizer has no pad token.
+    """
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ShiftkitError(f"{len(prompts)} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
+    last = []
+    for responses in (chosen, rejected):
+        states = _response_states(model, tokenizer, prompts, responses, batch_size, max_length, None)
+        last.append([h[-1] if n_r else None for h, _, n_r in states])
+    return torch.tensor(
+        [
+            float("nan") if a is None or b is None else float(a.double() @ b.double())
+            for a, b in zip(*last, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+
+
+def edit_distance_similarity(tokenizer: Any, chosen: Sequence[str], rejected: Sequence[str]) -> Tensor:
+    """Baseline of spec §8.2: minus the token-level edit distance of the two responses over the longer one's
+    length (0 for identical responses, down to −1; higher = more alike); ``nan`` where both are empty.
+
+    Raises:
+        ShiftkitError: the lists differ in length.
+    """
+    if len(chosen) != len(rejected):
+        raise ShiftkitError(f"{len(chosen)} chosen but {len(rejected)} rejected responses")
+    out = []
+    for a, b in zip(_encode(tokenizer, chosen, False), _encode(tokenizer, rejected, False), strict=True):
+        if not a and not b:
+            out.append(float("nan"))
+            continue
+        row = list(range(len(b) + 1))
+        for i, x in enumerate(a, 1):
+            prev, row[0] = row[0], i
+            for j, y in enumerate(b, 1):
+                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+        out.append(-row[-1] / max(len(a), len(b)))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 @register_method("ches", kind="diagnose")
