@@ -55,10 +55,10 @@ SIZES: dict[str, dict[str, Any]] = {
         "probe_epochs": 10,
         "probe_lr": 1e-3,
         "prompts": 20,
-        "samples": 8,
+        "samples": 16,
         "new_tokens": 24,
         "ppl_texts": 200,
-        "edits": [[0.02, 2.0], [0.02, 5.0], [0.05, 2.0], [0.05, 5.0], [0.05, -5.0]],
+        "edits": [[0.02, 1.0], [0.02, 2.0], [0.02, 5.0], [0.05, 2.0], [0.05, 5.0], [0.05, -5.0]],
         "pairs": 120,
         "near": 30,
         "m": 16,
@@ -68,7 +68,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 EPILOG = """\
 examples:
-  shiftkit bench edit-smollm2                 # surgery at 5 (k, alpha) + CHES and two DPO runs (~15 min)
+  shiftkit bench edit-smollm2                 # surgery at 6 (k, alpha) + CHES and two DPO runs (~20 min)
   shiftkit bench edit-smollm2 --quick         # smoke test
   shiftkit bench edit-smollm2 --skip-ches     # the surgery table only
 """

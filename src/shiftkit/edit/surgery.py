@@ -53,12 +53,16 @@ def _targets(model: nn.Module, modules: str | Sequence[str]) -> list[tuple[str, 
     wrapped = [n for n in hits if is_shift_module(found[n])]
     if wrapped:
         raise ShiftkitError(f"surgery: {wrapped[0]} has a shift attached; fold it first (sk.fold_)")
-    out = [(n, found[n]) for n in hits if isinstance(found[n], nn.Linear)]
+    out: list[tuple[str, nn.Linear]] = []
+    for n in hits:
+        module = found[n]
+        if isinstance(module, nn.Linear):
+            out.append((n, module))
     if not out:
         raise ShiftkitError(
             f"surgery edits nn.Linear weights; {hits[0]} is a {type(found[hits[0]]).__name__}"
         )
-    return out  # type: ignore[return-value]
+    return out
 
 
 @torch.no_grad()
