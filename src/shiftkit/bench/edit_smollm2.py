@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import html
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -134,7 +135,8 @@ def run_suite(
     if surgery:
         heads = zoo.load_dataset("guardian-headlines")
         payload["surgery"] = _surgery(model, tok, settings, heads[: settings["ppl_texts"]], log)
-        payload["verdicts"].append(_surgery_verdict(payload["surgery"]))
+        n = settings["prompts"] * settings["samples"]
+        payload["verdicts"].append(_surgery_verdict(payload["surgery"], n))
     if ches:
         payload["ches"] = _ches(model, tok, settings, log)
         payload["verdicts"].append(_ches_verdict(payload["ches"]))
@@ -188,20 +190,25 @@ def _surgery(
     }
 
 
-def _surgery_verdict(part: dict[str, Any]) -> str:
+def _surgery_verdict(part: dict[str, Any], n: int) -> str:
+    """The largest drop of the VADER-judged negative share among the edits with alpha > 0, whether it exceeds
+    twice the standard error of the difference (``n`` samples per row), and what it cost in perplexity."""
     base = part["rows"][0]
     steered = [r for r in part["rows"][1:] if r.get("alpha", 0) > 0]
     if not steered:
         return "surgery: no edit with alpha > 0 was run"
     best = min(steered, key=lambda r: r["judge_negative"])
+    p0, p1 = base["judge_negative"], best["judge_negative"]
+    se = math.hypot(_se(p0, n), _se(p1, n))
     ppl_change = 100 * (best["perplexity"] / base["perplexity"] - 1)
+    control = [r for r in part["rows"][1:] if r.get("alpha", 0) < 0]
     return (
-        f"surgery ({best['edit']}): VADER-judged negative continuations "
-        f"{100 * base['judge_negative']:.1f} % -> "
-        f"{100 * best['judge_negative']:.1f} %, probe-judged {100 * base['probe_undesired']:.1f} % -> "
-        f"{100 * best['probe_undesired']:.1f} %, perplexity {base['perplexity']:.2f} -> "
-        f"{best['perplexity']:.2f} ({ppl_change:+.1f} %), editing {best['rows']} of {part['gate_rows']} "
-        "gate rows"
+        f"surgery ({best['edit']}, {best['rows']} of {part['gate_rows']} gate rows): VADER-judged negative "
+        f"continuations {100 * p0:.1f} % -> {100 * p1:.1f} % ("
+        + ("beyond" if p0 - p1 > 2 * se else "within")
+        + f" two standard errors, {100 * 2 * se:.1f} points, of {n} samples per row), perplexity "
+        f"{base['perplexity']:.2f} -> {best['perplexity']:.2f} ({ppl_change:+.1f} %)"
+        + "".join(f"; control {r['edit']}: {100 * r['judge_negative']:.1f} % negative" for r in control)
     )
 
 
@@ -298,16 +305,22 @@ def _ches_verdict(part: dict[str, Any]) -> str:
     )
 
 
+def _se(p: float, n: int) -> float:
+    """Standard error of a share ``p`` of ``n`` samples (binomial)."""
+    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
 def surgery_rows(payload: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
     """One row per edit: rows changed, shift size, negative shares by both judges, perplexity."""
     base_ppl = payload["surgery"]["rows"][0]["perplexity"]
+    n = payload["settings"]["prompts"] * payload["settings"]["samples"]
     rows = [
         {
             "edit": r["edit"],
             "rows": str(r["rows"]),
             "shift": f"{r['bytes'] / 1024:.1f} KiB",
             "probe neg %": f"{100 * r['probe_undesired']:.1f}",
-            "VADER neg %": f"{100 * r['judge_negative']:.1f}",
+            "VADER neg %": f"{100 * r['judge_negative']:.1f} ± {100 * _se(r['judge_negative'], n):.1f}",
             "VADER mean": f"{r['judge_mean']:+.3f}",
             "perplexity": f"{r['perplexity']:.2f}",
             "Δppl %": f"{100 * (r['perplexity'] / base_ppl - 1):+.1f}",
