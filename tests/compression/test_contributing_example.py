@@ -3,26 +3,19 @@ sk.compress / sk.decompress, files, and the verbs that accept compressed shifts.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 import shiftkit as sk
+from contributing_docs import run_section_example
 from shiftkit.core.encoding import COMPRESS_METHODS
 from shiftkit.core.shift import DELTA, Shift
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_contributing_compressor_example(tmp_path: Path) -> None:
-    text = (ROOT / "CONTRIBUTING.md").read_text()
-    section = text[text.index("## A compressor") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None
-    namespace: dict[str, object] = {}
     try:
-        exec(compile(code.group(1), "CONTRIBUTING.md", "exec"), namespace)  # our own docs, run as written
+        run_section_example("A compressor")
         g = torch.Generator().manual_seed(0)
         tv = Shift(DELTA, None, {"w": torch.randn(8, 4, generator=g)}, {"w": (8, 4)})
         small = sk.compress(tv, method="half")

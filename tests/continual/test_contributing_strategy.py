@@ -3,18 +3,14 @@ continual.make, and trained through run_sequence with its extra loss in every st
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from contributing_docs import run_section_example
 from shiftkit import continual
 from shiftkit.continual.registry import CONTINUAL_METHODS
 from shiftkit.recipes.continual import ContinualTask, run_sequence
 from shiftkit.recipes.learn import TrainConfig
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Head(nn.Module):
@@ -37,13 +33,8 @@ def _set(model: nn.Module, i: int) -> None:
 
 
 def test_contributing_strategy_example() -> None:
-    text = (ROOT / "CONTRIBUTING.md").read_text()
-    section = text[text.index("## A continual strategy") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None
-    namespace: dict[str, object] = {}
     try:
-        exec(compile(code.group(1), "CONTRIBUTING.md", "exec"), namespace)  # our own docs, run as written
+        run_section_example("A continual strategy")
         g = torch.Generator().manual_seed(1)
         tasks = []
         for t in range(2):

@@ -3,26 +3,17 @@ applied and undone bit for bit, and the logits of the damped tokens scaled as th
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import torch
 
+from contributing_docs import run_section_example
 from shiftkit import edit
 from shiftkit.edit.registry import EDIT_METHODS
 from tiny_models import make
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_contributing_edit_example() -> None:
-    text = (ROOT / "CONTRIBUTING.md").read_text()
-    section = text[text.index("## An editing tool") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None
-    namespace: dict[str, object] = {}
     try:
-        exec(compile(code.group(1), "CONTRIBUTING.md", "exec"), namespace)  # our own docs, run as written
+        run_section_example("An editing tool")
         assert edit.get_method("token_damp").kind == "edit"
         model = make("tiny_llama")[0].hf
         ids = torch.tensor([[3, 7, 11, 4]])
