@@ -175,10 +175,8 @@ def _surgery(
         seed=s["seed"],
         log=log,
     )
-    for row, (name, shift) in zip(rows, edits.items(), strict=True):
-        if shift is not None:
-            k, alpha = s["edits"][list(edits).index(name) - 1]
-            row["k"], row["alpha"] = k, alpha
+    for row, (k, alpha) in zip(rows[1:], s["edits"], strict=True):
+        row["k"], row["alpha"] = k, alpha
     return {
         "probe_accuracy": probe.accuracy,
         "probe_train_accuracy": probe.train_accuracy,

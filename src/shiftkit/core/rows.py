@@ -138,10 +138,6 @@ def rows_delta(
     return _encoded({k: tuple(v) for k, v in base.items()}, dict.fromkeys(base, dtype), payload, 0.0)
 
 
-def _part(shift: Shift, key: str) -> Tensor | None:
-    return shift.tensors.get(key)
-
-
 def decode_rows_tensor(shift: Shift, name: str) -> Tensor:
     """One dense tensor of a ``rows``-encoded delta.
 
@@ -152,8 +148,8 @@ def decode_rows_tensor(shift: Shift, name: str) -> Tensor:
     if name not in layout:
         raise ShiftkitError(f"rows-encoded delta has no tensor {name!r}")
     shape, dtype = layout[name]
-    idx, values = _part(shift, f"{name}.rows"), _part(shift, f"{name}.values")
-    coef, vec = _part(shift, f"{name}.coef"), _part(shift, f"{name}.vec")
+    part = shift.tensors.get
+    idx, values, coef, vec = (part(f"{name}.{role}") for role in ("rows", "values", "coef", "vec"))
     out = torch.zeros(shape, dtype=dtype)
     flat = _as_rows(out)
     if idx is None or (values is None and (coef is None or vec is None)):

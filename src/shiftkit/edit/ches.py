@@ -34,6 +34,7 @@ __all__ = [
     "ches",
     "ches_from_hidden",
     "edit_distance_similarity",
+    "encode_pairs",
     "last_state_similarity",
     "response_sums",
     "select_pairs",
@@ -77,6 +78,34 @@ def _encode(tokenizer: Any, texts: Sequence[str], special: bool) -> list[list[in
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=special)["input_ids"]]
 
 
+def encode_pairs(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, max_length: int | None = None
+) -> tuple[Tensor, Tensor, list[int], list[int]]:
+    """Prompt and response tokenised apart (the prompt with the tokenizer's special tokens) and concatenated,
+    so no token straddles the boundary; right-padded with the pad token.
+
+    Returns:
+        ``(input_ids, attention_mask, prompt_lengths, response_lengths)``; responses are cut so that prompt
+        plus response fit in ``max_length`` tokens.
+
+    Raises:
+        ShiftkitError: prompts and responses differ in number, or the tokenizer has no pad token.
+    """
+    if len(prompts) != len(responses):
+        raise ShiftkitError(f"{len(prompts)} prompts but {len(responses)} responses")
+    pad = require_pad_token(tokenizer)
+    pairs = []
+    for p, r in zip(_encode(tokenizer, prompts, True), _encode(tokenizer, responses, False), strict=True):
+        pairs.append((p, r if max_length is None else r[: max(0, max_length - len(p))]))
+    width = max([1] + [len(p) + len(r) for p, r in pairs])
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for j, (p, r) in enumerate(pairs):
+        ids[j, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        mask[j, : len(p) + len(r)] = 1
+    return ids, mask, [len(p) for p, _ in pairs], [len(r) for _, r in pairs]
+
+
 def _response_states(
     model: nn.Module,
     tokenizer: Any,
@@ -90,27 +119,18 @@ def _response_states(
     ``(length, d)``, the prompt's length and the response's (after truncation to ``max_length`` tokens)."""
     if len(prompts) != len(responses):
         raise ShiftkitError(f"{len(prompts)} prompts but {len(responses)} responses")
-    pad = require_pad_token(tokenizer)
-    p_ids, r_ids = _encode(tokenizer, prompts, True), _encode(tokenizer, responses, False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         for i in range(0, len(prompts), batch_size):
-            seqs = [
-                (p, r[: max(0, max_length - len(p))])
-                for p, r in zip(p_ids[i : i + batch_size], r_ids[i : i + batch_size], strict=True)
-            ]
-            width = max(1, max(len(p) + len(r) for p, r in seqs))
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for j, (p, r) in enumerate(seqs):
-                ids[j, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-                mask[j, : len(p) + len(r)] = 1
+            ids, mask, n_p, n_r = encode_pairs(
+                tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length=max_length
+            )
             with torch.no_grad():
                 hidden = last_hidden(model, ids.to(device), mask.to(device)).float().cpu()
-            for j, (p, r) in enumerate(seqs):
-                yield hidden[j, : len(p) + len(r)], len(p), len(r)
+            for j in range(len(n_p)):
+                yield hidden[j, : n_p[j] + n_r[j]], n_p[j], n_r[j]
             if progress is not None:
                 progress(min(i + batch_size, len(prompts)), len(prompts))
     finally:

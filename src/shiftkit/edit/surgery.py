@@ -149,7 +149,6 @@ def surgery(
     n_rows = _count(k, flat.numel())
     order = torch.sort(flat, stable=True).indices[:n_rows]
     starts = torch.tensor([0] + [cos[n].numel() for n in names]).cumsum(0)
-    own = model_names(model).tensors
     rows: dict[str, Tensor] = {}
     base: dict[str, tuple[int, ...]] = {}
     for j, name in enumerate(names):
@@ -157,7 +156,7 @@ def surgery(
         picked = order[(order >= lo) & (order < hi)] - lo
         if picked.numel():
             rows[name] = picked
-            base[name] = tuple(own[name].shape)
+            base[name] = (cos[name].numel(), direction.numel())
     return rows_delta(base, rows, direction.detach().float(), float(alpha))
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shiftkit.edit.ches import encode_pairs
 from shiftkit.errors import ShiftkitError
 
 __all__ = [
@@ -109,18 +110,10 @@ def generate(
 
 def _pair_batch(tok: Any, prompts: Sequence[str], responses: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded prompt+response ids, attention mask and a mask of the response's target positions."""
-    p_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
-    r_ids = tok(list(responses), add_special_tokens=False)["input_ids"]
-    seqs = [list(p) + list(r) for p, r in zip(p_ids, r_ids, strict=True)]
-    width = max(len(s) for s in seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), int(pad), dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    ids, mask, n_p, n_r = encode_pairs(tok, prompts, responses)
     target = torch.zeros_like(ids, dtype=torch.bool)
-    for j, (p, s) in enumerate(zip(p_ids, seqs, strict=True)):
-        ids[j, : len(s)] = torch.tensor(s)
-        mask[j, : len(s)] = 1
-        target[j, len(p) : len(s)] = True
+    for j, (p, r) in enumerate(zip(n_p, n_r, strict=True)):
+        target[j, p : p + r] = True
     return ids, mask, target
 
 

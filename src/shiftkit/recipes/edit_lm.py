@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,20 @@ def vader_behaviour(
     return texts, labels
 
 
+def _lines(path: str | Path) -> Iterator[tuple[str, int, str]]:
+    """``(file name, line number, line)`` of every non-blank line of a UTF-8 text file.
+
+    Raises:
+        ShiftkitError: the file does not exist.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ShiftkitError(f"{p}: no such file")
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            yield str(p), n, line
+
+
 def read_labelled(path: str | Path) -> tuple[list[str], list[int]]:
     """Labelled texts from a file: JSON lines ``{"text": ..., "label": 0|1}`` (``.jsonl``), or
     ``label<TAB>text`` lines (anything else). Label 1 marks the behaviour to remove.
@@ -122,16 +136,11 @@ def read_labelled(path: str | Path) -> tuple[list[str], list[int]]:
     Raises:
         ShiftkitError: the file is missing, a line is malformed, or a label is not 0/1.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ShiftkitError(f"{p}: no such file")
     texts: list[str] = []
     labels: list[int] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for p, n, line in _lines(path):
         try:
-            if p.suffix == ".jsonl":
+            if p.endswith(".jsonl"):
                 row = json.loads(line)
                 label, text = row["label"], row["text"]
             else:
@@ -280,20 +289,15 @@ def read_pairs(path: str | Path) -> PreferenceSet:
     Raises:
         ShiftkitError: the file is missing, empty, or a line lacks a field.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ShiftkitError(f"{p}: no such file")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for p, n, line in _lines(path):
         try:
             row = json.loads(line)
             rows.append((str(row["prompt"]), str(row["chosen"]), str(row["rejected"]), bool(row.get("near"))))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ShiftkitError(f"{p}:{n}: expected {{'prompt', 'chosen', 'rejected'}} ({err})") from None
     if not rows:
-        raise ShiftkitError(f"{p}: no preference pairs")
+        raise ShiftkitError(f"{path}: no preference pairs")
     return PreferenceSet(
         [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
     )
